@@ -1,0 +1,47 @@
+# minillm: `make lab` to learn, `make test` to check everything. Both set up .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+NBVAL  := --nbval --nbval-current-env --nbval-sanitize-with nbval_sanitize.cfg
+
+.PHONY: setup lab test test-unit test-notebooks notebooks bench doctor clean
+
+setup: $(STAMP)
+
+# Re-run the install whenever the pins or the package metadata change.
+$(STAMP): requirements.txt pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit("minillm needs Python >= 3.11, found " + sys.version.split()[0]) if sys.version_info < (3, 11) else None'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --progress-bar off -r requirements.txt
+	$(PY) -m pip install --quiet --progress-bar off --no-deps -e .
+	touch $(STAMP)
+
+lab: setup
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=$(CURDIR) --LabApp.default_url=/lab/tree/chapters
+
+# Unit tests and every notebook under nbval; both run even if the first fails, and either failing fails make.
+test: setup
+	@status=0; \
+	$(PY) -m pytest tests -n 2 || status=1; \
+	$(PY) -m pytest $(NBVAL) -n 2 --dist loadfile chapters solutions || status=1; \
+	exit $$status
+
+test-unit: setup
+	$(PY) -m pytest tests -n 2
+
+test-notebooks: setup
+	$(PY) -m pytest $(NBVAL) -n 2 --dist loadfile chapters solutions
+
+# Re-execute every notebook in place and normalise it; run twice, `git status` stays clean.
+notebooks: setup
+	$(PY) scripts/run_notebooks.py
+
+bench: setup
+	@for script in benchmarks/*.py; do echo "== $$script"; $(PY) $$script --write || exit 1; done
+
+doctor: setup
+	$(PY) -m minillm doctor
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

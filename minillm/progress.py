@@ -1,0 +1,17 @@
+"""Progress bars that read well in a terminal, in JupyterLab and in a notebook stored on disk.
+
+The bar omits elapsed time and rate on purpose: those change on every run, and a stored notebook output must
+not (chapter 00 explains why outputs are checked by nbval).
+"""
+
+import sys
+
+from tqdm import tqdm
+
+BAR_FORMAT = "{l_bar}{bar:20}| {n_fmt}/{total_fmt}"
+
+
+def progress(iterable=None, total: int | None = None, desc: str | None = None, **kwargs) -> tqdm:
+    """A text tqdm bar with a run-independent format; pass `disable=True` to silence it."""
+    kwargs.setdefault("file", sys.stderr)
+    return tqdm(iterable, total=total, desc=desc, bar_format=BAR_FORMAT, **kwargs)
