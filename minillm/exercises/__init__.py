@@ -36,8 +36,8 @@ def first_mismatch(got, expected, atol: float = 1e-6, rtol: float = 1e-5) -> str
     if close.all():
         return None
     index = tuple(int(i) for i in np.argwhere(~close)[0])
-    where = f"at index {index}: " if got.ndim else ""
-    return f"first mismatch {where}expected {expected[index]:.6g}, got {got[index]:.6g}"
+    where = f"first mismatch at index {index}: " if got.ndim else ""
+    return f"{where}expected {expected[index]:.6g}, got {got[index]:.6g}"
 
 
 def check(title: str, cases: Iterable[Callable[[], None]], hint: str = "") -> None:
