@@ -17,8 +17,10 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --progress-bar off --no-deps -e .
 	touch $(STAMP)
 
+# Root (e.g. in a container) needs --allow-root; everyone else does not.
 lab: setup
-	$(VENV)/bin/jupyter lab --ServerApp.root_dir=$(CURDIR) --LabApp.default_url=/lab/tree/chapters
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=$(CURDIR) --LabApp.default_url=/lab/tree/chapters \
+		$(if $(filter 0,$(shell id -u)),--allow-root)
 
 # Unit tests and every notebook under nbval; both run even if the first fails, and either failing fails make.
 test: setup
