@@ -129,9 +129,9 @@ def main(checks=CHECKS) -> int:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # a CPU-feature probe warns on import
     results = run_checks(checks)
     for ok, name, detail, hint in results:
-        print(f"[{'OK' if ok else 'FAIL'}] {name:<13}{detail}")
+        print(f"{'[OK]' if ok else '[FAIL]':<7}{name:<13}{detail}")
         if not ok:
-            print(f"       hint: {hint}")
+            print(f"{'':<7}hint: {hint}")
     failed = sum(not ok for ok, *_ in results)
     print(f"{len(results) - failed} ok, {failed} failed" + ("" if not failed else " - see the hints above"))
     return 1 if failed else 0

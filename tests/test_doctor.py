@@ -25,7 +25,7 @@ def test_a_failing_component_prints_fail_with_a_hint_and_exits_1(capsys):
     code = doctor.main([("python", doctor.check_python), ("peft", broken), ("old", too_old)])
     out = capsys.readouterr().out
     assert code == 1
-    assert "[OK] python" in out
+    assert "[OK]   python       Python" in out
     assert "[FAIL] peft         ModuleNotFoundError: No module named 'peft'" in out
     assert "hint: install Python 3.11" in out and "make lab" in out
     assert "1 ok, 2 failed" in out
