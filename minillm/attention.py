@@ -128,9 +128,11 @@ def _check_bool(mask, where: str) -> None:
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     """(B, nkv, T, hd) -> (B, nkv * n_rep, T, hd): kv head j serves query heads j*n_rep .. j*n_rep + n_rep-1.
 
-    `repeat_interleave` keeps each kv head's copies next to each other, the layout Llama, Mistral and torch's
-    `enable_gqa=True` use. Tiling (`x.repeat(1, n_rep, 1, 1)`) would hand kv head j to query heads j, j+nkv, …
-    and silently pair every loaded checkpoint's heads wrongly.
+    Each kv head's copies sit next to each other (the values of `x.repeat_interleave(n_rep, dim=1)`), the
+    layout Llama, Mistral and torch's `enable_gqa=True` use. Tiling (`x.repeat(1, n_rep, 1, 1)`) would hand kv
+    head j to query heads j, j+nkv, … and silently pair every loaded checkpoint's heads wrongly.
+    We build it as HF does, expand + reshape: with one kv head that is a zero-stride view, not a copy, and
+    a matmul rounds the two memory layouts differently, so only this form is bitwise equal to HF eager.
     """
     _check_int("repeat_kv: n_rep", n_rep, minimum=1)
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -138,7 +140,8 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
         raise ValueError(f"repeat_kv: x must have shape (B, num_kv_heads, T, head_dim), got {got}")
     if n_rep == 1:
         return x
-    return x.repeat_interleave(n_rep, dim=1)  # (B, nkv * n_rep, T, hd)
+    B, nkv, T, hd = x.shape
+    return x[:, :, None].expand(B, nkv, n_rep, T, hd).reshape(B, nkv * n_rep, T, hd)  # (B, nkv * n_rep, T, hd)
 
 
 def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None,
