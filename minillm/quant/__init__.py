@@ -1,0 +1,6 @@
+"""Quantization that wraps any `nn.Module` without the models knowing: chapters 11 (int8) and 12 (NF4)."""
+
+from minillm.quant.blockwise import create_dynamic_map, dequantize_blockwise, quantize_blockwise
+from minillm.quant.int8 import (Int8Linear, absmax_dequantize, absmax_quantize, int8_linear_matmul, int8_mm_dequant,
+                                int8_vectorwise_dequant, int8_vectorwise_quant, zeropoint_dequantize,
+                                zeropoint_quantize)
