@@ -32,8 +32,8 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its import warns ab
 import bitsandbytes  # noqa: E402
 import bitsandbytes.functional as bnb_F  # noqa: E402
 
-from minillm.quant import (create_dynamic_map, dequantize_blockwise, int8_vectorwise_dequant,  # noqa: E402
-                           int8_vectorwise_quant, quantize_blockwise)
+from minillm.quant import (create_dynamic_map, dequantize_4bit, dequantize_blockwise,  # noqa: E402
+                           int8_vectorwise_dequant, int8_vectorwise_quant, quantize_4bit, quantize_blockwise)
 
 SHAPE = (4096, 4096)
 RESULTS = Path(__file__).parent / "results" / "quant_vs_bnb.md"
@@ -70,12 +70,32 @@ def rows(weight: torch.Tensor) -> list[Row]:
         Row("int8_vectorwise_dequant", lambda: int8_vectorwise_dequant(int8_codes, int8_absmax),
             lambda: bnb_F.int8_vectorwise_dequant(int8_codes, int8_absmax)),
     ]
+    for double in (False, True):  # NF4, then NF4 with double-quantized absmax (QLoRA's storage format)
+        packed, state = quantize_4bit(weight, 64, "nf4", double)
+        bnb_packed, bnb_state = bnb_F.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=double)
+        label = f"nf4{' + double quant' if double else ''}, blocksize 64"
+        table += [
+            Row(f"quantize_4bit, {label}",
+                lambda d=double: ours_4bit(*quantize_4bit(weight, 64, "nf4", d)),
+                lambda d=double: bnb_4bit(*bnb_F.quantize_4bit(weight, blocksize=64, quant_type="nf4",
+                                                               compress_statistics=d))),
+            Row(f"dequantize_4bit, {label}", lambda p=packed, s=state: dequantize_4bit(p, s),
+                lambda p=bnb_packed, s=bnb_state: bnb_F.dequantize_4bit(p, s)),
+        ]
     return table
 
 
 def bnb_blockwise(x: torch.Tensor, blocksize: int):
     codes, state = bnb_F.quantize_blockwise(x, blocksize=blocksize)
     return codes, state.absmax
+
+
+def ours_4bit(packed, state):
+    return (packed, state.absmax) + ((state.offset, state.nested_absmax) if state.nested else ())
+
+
+def bnb_4bit(packed, state):
+    return (packed, state.absmax) + ((state.offset, state.state2.absmax) if state.nested else ())
 
 
 def equal(a, b) -> bool:
