@@ -6,6 +6,10 @@
 Each notebook runs top to bottom in a fresh kernel from its own folder. Then streams are coalesced (timing
 decides how a kernel chunks stdout, so uncoalesced outputs differ run to run) and volatile metadata is
 dropped. Outputs are never edited by hand; this script is the only thing that writes them.
+
+A cell tagged `volatile-output` (wall-clock timings, say) runs like every other cell, but its outputs are not
+stored: they differ on every run, so storing them would make every regeneration a diff. Such a cell also carries
+`nbval-ignore-output`, and a learner sees its output when running the notebook.
 """
 
 import argparse
@@ -19,6 +23,7 @@ from nbconvert.preprocessors import CoalesceStreamsPreprocessor, ExecutePreproce
 ROOT = Path(__file__).resolve().parents[1]
 KERNELSPEC = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
 CELL_TIMEOUT_S = 600
+VOLATILE_TAG = "volatile-output"
 
 
 def normalise(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
@@ -27,7 +32,9 @@ def normalise(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     for cell in nb.cells:
         cell.metadata.pop("execution", None)
         cell.metadata.pop("ExecuteTime", None)
-        if cell.cell_type == "code":
+        if cell.cell_type == "code" and VOLATILE_TAG in cell.metadata.get("tags", []):
+            cell.outputs = []
+        elif cell.cell_type == "code":
             for output in cell.outputs:
                 output.get("metadata", {}).pop("transient", None)
     return CoalesceStreamsPreprocessor().preprocess(nb, {})[0]

@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from minillm.attention import causal_mask, padding_mask, sliding_window_mask
+from minillm.cache import KVCache
 from minillm.models import checkpoint as checkpoint_io
 
 
@@ -65,9 +66,11 @@ class TransformerModel(nn.Module):
             x = checkpoint(block, x, *args, use_reentrant=False) if use_checkpoint else block(x, *args)
         return x
 
-    def check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[int, int]:
+    def check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                     num_past: int = 0) -> tuple[int, int]:
         """Validate the inputs of `forward` and return (B, T). An embedding lookup with a bad id fails deep
-        inside torch with an index error; checking here names the problem."""
+        inside torch with an index error; checking here names the problem. After `num_past` cached positions
+        (chapter 07) the attention_mask covers those too: (B, num_past + T), as in HF."""
         name = type(self).__name__
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
             got = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
@@ -79,12 +82,14 @@ class TransformerModel(nn.Module):
         if lo < 0 or hi >= self.config.vocab_size:
             bad = lo if lo < 0 else hi
             raise ValueError(f"{name}: token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+        expected = (input_ids.size(0), num_past + input_ids.size(1))
         if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
-                                           or attention_mask.shape != input_ids.shape):
+                                           or tuple(attention_mask.shape) != expected):
             got = (tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor)
                    else type(attention_mask).__name__)
-            raise ValueError(f"{name}: attention_mask must be a (B, T) tensor of 0/1 like input_ids "
-                             f"{tuple(input_ids.shape)}, got {got}")
+            cached = f" ({num_past} cached positions + the {input_ids.size(1)} new ones)" if num_past else ""
+            raise ValueError(f"{name}: attention_mask must be a (B, T) tensor of 0/1 of shape {expected}"
+                             f"{cached} for input_ids {tuple(input_ids.shape)}, got {got}")
         return input_ids.shape
 
     def num_parameters(self) -> int:
@@ -102,20 +107,65 @@ class TransformerModel(nn.Module):
 
 
 class CausalLM(TransformerModel):
-    """A decoder-only language model: token ids (B, T) in, next-token logits (B, T, vocab_size) out."""
+    """A decoder-only language model: token ids (B, T) in, next-token logits (B, T, vocab_size) out.
+
+    `model(input_ids, attention_mask=None, cache=None)`: with a `KVCache` (chapter 07, `make_cache`) the
+    input continues the text the cache has seen, and its keys and values are added to the cache.
+    """
 
     @staticmethod
     def build_mask(T: int, attention_mask: torch.Tensor | None, sliding_window: int | None = None,
-                   device=None) -> torch.Tensor:
+                   device=None, num_kept: int = 0) -> torch.Tensor | None:
         """The bool mask (True = may attend) every layer uses: causal (or a sliding window), and no pad keys.
 
-        (T, T) without an attention_mask, (B, 1, T, T) with one. A pad *query* (left padding) sees no key at
-        all; attention gives it the zero vector (chapter 05), and its logits are meaningless either way.
+        (T, T_k) without an attention_mask, (B, 1, T, T_k) with one, where T_k = num_kept + T: the keys are
+        the `num_kept` ones a KV cache holds, then the T new ones, so the queries are the *last* T positions
+        and the causal triangle sits bottom-right (chapter 05's `offset`; `is_causal=True` would put it
+        top-left, which is wrong here). A pad *query* (left padding) sees no key at all; attention gives it
+        the zero vector (chapter 05), and its logits are meaningless either way.
+
+        Returns None (attend to everything) for a decoding step, T = 1 without padding: the newest position
+        may see every key the cache kept (a window keeps only the last W - 1), and skipping the mask makes
+        each step cheaper while giving the very same numbers.
         """
+        if T == 1 and attention_mask is None:
+            return None
+        T_k = num_kept + T
         if sliding_window is None:
-            mask = causal_mask(T, device=device)  # (T, T)
+            mask = causal_mask(T, T_k, device=device)  # (T, T_k)
         else:
-            mask = sliding_window_mask(T, T, sliding_window, device=device)  # (T, T)
+            mask = sliding_window_mask(T, T_k, sliding_window, device=device)  # (T, T_k)
         if attention_mask is not None:
-            mask = mask & padding_mask(attention_mask)  # (B, 1, T, T)
+            mask = mask & padding_mask(attention_mask[:, attention_mask.size(1) - T_k:])  # (B, 1, T, T_k)
         return mask
+
+    def make_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """An empty `KVCache` shaped for this model (its layers, kv heads, head dim, window, dtype, device).
+
+        `max_len` (default: the config's max_seq_len, which it may not exceed) is the longest text it holds.
+        """
+        config = self.config
+        max_len = config.max_seq_len if max_len is None else max_len
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or not 1 <= max_len <= config.max_seq_len:
+            raise ValueError(f"{type(self).__name__}.make_cache: max_len must be an int in [1, max_seq_len="
+                             f"{config.max_seq_len}], got {max_len!r}; the model's context length is the limit")
+        weight = self.lm_head.weight
+        # GPT-2 has no grouped-query attention (num_kv_heads) and no window: fall back to num_heads / None.
+        return KVCache(config.num_layers, batch_size, getattr(config, "num_kv_heads", config.num_heads),
+                       config.head_dim, max_len, sliding_window=getattr(config, "sliding_window", None),
+                       dtype=weight.dtype, device=weight.device)
+
+    def check_cache(self, cache: KVCache | None) -> int:
+        """Validate `cache` for `forward` and return how many positions it has seen (0 without one)."""
+        if cache is None:
+            return 0
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"{type(self).__name__}: cache must be a minillm KVCache (model.make_cache(B)), "
+                            f"got {type(cache).__name__}")
+        if cache.num_layers != self.config.num_layers:
+            raise ValueError(f"{type(self).__name__}: the cache has {cache.num_layers} layers but the model has "
+                             f"{self.config.num_layers}; make it with model.make_cache(B)")
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            raise ValueError(f"{type(self).__name__}: a KV cache cannot be used with gradient checkpointing: the "
+                             "recomputation would append each block's keys twice; generate under torch.no_grad()")
+        return cache.length

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from minillm.attention import scaled_dot_product_attention
+from minillm.cache import KVCache
 from minillm.models.base import CausalLM, check_config_int, check_config_probability
 
 
@@ -71,8 +72,9 @@ def _store_as_in_out(linear: nn.Linear) -> None:
 class CausalSelfAttention(nn.Module):
     """GPT-2's multi-head attention: one fused projection makes q, k and v, `c_proj` mixes the heads."""
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
+        self.layer_idx = layer_idx  # which of the KV cache's layers is this one's
         self.num_heads, self.head_dim = config.num_heads, config.head_dim
         # One (3C, C) matmul instead of three (C, C) ones: q, k and v are its three row blocks.
         self.c_attn = nn.Linear(config.hidden_size, 3 * config.hidden_size)
@@ -80,7 +82,7 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
@@ -89,8 +91,10 @@ class CausalSelfAttention(nn.Module):
         # k and v are strided views into c_attn's output. HF's forward copies them into its KV cache
         # (use_cache=True is its default), and q @ kᵀ with a contiguous k rounds differently (~1e-7) from the
         # same product with a strided view: copying as HF does keeps the logits bit-identical.
-        # Chapter 07's KV cache appends k and v to those of earlier positions here.
-        k, v = k.contiguous(), v.contiguous()
+        if cache is None:
+            k, v = k.contiguous(), v.contiguous()
+        else:  # chapter 07: store this step's k and v, attend to those of every earlier position too
+            k, v = cache.update(self.layer_idx, k, v)  # (B, nh, T_k, hd), T_k = cached + T
         dropout_p = self.attn_dropout if self.training else 0.0
         y = scaled_dot_product_attention(q, k, v, mask, dropout_p=dropout_p)  # (B, nh, T, hd)
         # The heads side by side again. reshape may return a strided view (when hd == 1, say), and a matmul on
@@ -120,21 +124,21 @@ class Block(nn.Module):
     post-LN (normalise after adding) needs learning-rate warmup to train at depth.
     """
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer_idx)
         self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), mask)  # (B, T, C)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), mask, cache)  # (B, T, C)
         x = x + self.mlp(self.ln_2(x))  # (B, T, C)
         return x
 
 
 class GPT(CausalLM):
-    """GPT-2 language model: `model(input_ids, attention_mask=None)` -> logits (B, T, vocab_size)."""
+    """GPT-2 language model: `model(input_ids, attention_mask=None, cache=None)` -> logits (B, T, vocab_size)."""
 
     model_type = "gpt"
     config_class = GPTConfig
@@ -147,7 +151,7 @@ class GPT(CausalLM):
             wte=nn.Embedding(config.vocab_size, config.hidden_size),  # token embeddings
             wpe=nn.Embedding(config.max_seq_len, config.hidden_size),  # position embeddings, learned
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList(Block(config) for _ in range(config.num_layers)),
+            h=nn.ModuleList(Block(config, i) for i in range(config.num_layers)),
             ln_f=nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps),
         ))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -175,23 +179,27 @@ class GPT(CausalLM):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
         """input_ids (B, T) of token ids -> logits (B, T, vocab_size); row t scores the token after position t.
 
         `attention_mask` (B, T) holds 1 for tokens and 0 for padding, as a tokenizer returns it; pad keys are
         hidden from every query. Positions count from 0 at the first column, padded or not, as HF does when
-        it is not given position ids.
+        it is not given position ids. With a `cache` (chapter 07) the input continues the cached text: its
+        positions start at `cache.length`, it attends to the cached keys too, and `attention_mask`, if
+        given, covers the cached positions as well: (B, cache.length + T).
         """
-        B, T = self.check_inputs(input_ids, attention_mask)
-        if T > self.config.max_seq_len:
-            raise ValueError(f"GPT: the input has {T} positions but the position table has max_seq_len="
+        past = self.check_cache(cache)
+        B, T = self.check_inputs(input_ids, attention_mask, num_past=past)
+        if past + T > self.config.max_seq_len:
+            raise ValueError(f"GPT: the input reaches position {past + T} but the position table has max_seq_len="
                              f"{self.config.max_seq_len} rows; crop input_ids to the last {self.config.max_seq_len}")
-        # Chapter 07 (KV cache) starts the positions after the cached ones and widens the mask to cover them.
-        positions = torch.arange(T, device=input_ids.device)  # (T,)
+        positions = torch.arange(past, past + T, device=input_ids.device)  # (T,): after the cached ones
         x = self.transformer.wte(input_ids) + self.transformer.wpe(positions)  # (B, T, C)
         x = self.transformer.drop(x)
-        mask = self.build_mask(T, attention_mask, device=input_ids.device)  # (T, T) or (B, 1, T, T)
-        x = self.run_blocks(x, mask)  # (B, T, C)
+        num_kept = 0 if cache is None else cache.num_kept()
+        mask = self.build_mask(T, attention_mask, device=input_ids.device, num_kept=num_kept)  # (T, T_k) or None
+        x = self.run_blocks(x, mask, cache)  # (B, T, C)
         x = self.transformer.ln_f(x)
         return self.lm_head(x)  # (B, T, V)
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minillm.attention import GroupedQueryAttention, scaled_dot_product_attention
+from minillm.cache import KVCache
 from minillm.models.base import CausalLM, check_config_int, check_config_probability
 
 
@@ -124,18 +125,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class LlamaAttention(GroupedQueryAttention):
     """Chapter 05's grouped-query attention with RoPE applied to q and k between projection and attention."""
 
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, layer_idx: int):
         super().__init__(config.hidden_size, config.num_heads, config.num_kv_heads, head_dim=config.head_dim,
                          bias=config.attention_bias, dropout=config.attention_dropout)
+        self.layer_idx = layer_idx  # which of the KV cache's layers is this one's
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                cache: KVCache | None = None) -> torch.Tensor:
         q, k, v = self.project_qkv(x)  # (B, nh, T, hd), (B, nkv, T, hd), (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # v carries content, not position: no turn
         # k and v keep the (B, T, nkv, hd) memory layout of their projection. HF's forward copies them into
         # its KV cache (use_cache=True is its default), and q @ kᵀ with a contiguous k can round differently
         # (~1e-7) from the same product with a strided one: copying as HF does keeps the logits bit-identical.
-        # Chapter 07's KV cache appends k and v to those of earlier positions here.
-        k, v = k.contiguous(), v.contiguous()
+        if cache is None:
+            k, v = k.contiguous(), v.contiguous()
+        else:  # chapter 07: store this step's (rotated) k and v, attend to the cached ones too
+            k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, T_k, hd), T_k = kept + T
         dropout_p = self.dropout if self.training else 0.0
         y = scaled_dot_product_attention(q, k, v, mask, dropout_p=dropout_p)  # (B, nh, T, hd)
         return self.project_out(y)  # (B, T, C)
@@ -162,22 +167,23 @@ class SwiGLU(nn.Module):
 class LlamaBlock(nn.Module):
     """Pre-norm block as GPT-2's, with RMSNorm: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, layer_idx: int):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config)
+        self.self_attn = LlamaAttention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)  # (B, T, C)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)  # (B, T, C)
         x = x + self.mlp(self.post_attention_layernorm(x))  # (B, T, C)
         return x
 
 
 # --------------------------------------------------------------------------------------------- the model
 class Llama(CausalLM):
-    """Llama / Mistral language model: `model(input_ids, attention_mask=None)` -> logits (B, T, vocab_size)."""
+    """Llama / Mistral language model: `model(input_ids, attention_mask=None, cache=None)` -> logits (B, T, V)."""
 
     model_type = "llama"
     config_class = LlamaConfig
@@ -188,7 +194,7 @@ class Llama(CausalLM):
         super().__init__(config)
         self.model = nn.ModuleDict(dict(
             embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
-            layers=nn.ModuleList(LlamaBlock(config) for _ in range(config.num_layers)),
+            layers=nn.ModuleList(LlamaBlock(config, i) for i in range(config.num_layers)),
             norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
         ))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -207,19 +213,25 @@ class Llama(CausalLM):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
         """input_ids (B, T) of token ids -> logits (B, T, vocab_size); row t scores the token after position t.
 
         `attention_mask` (B, T) holds 1 for tokens and 0 for padding; pad keys are hidden from every query.
-        Positions count from 0 at the first column, as in HF when no position ids are given.
+        Positions count from 0 at the first column, as in HF when no position ids are given. With a `cache`
+        (chapter 07) the input continues the cached text: RoPE turns it by positions cache.length onwards,
+        it attends to the cached keys too (the last sliding_window - 1 of them for Mistral), and
+        `attention_mask`, if given, covers the cached positions as well: (B, cache.length + T).
         """
-        B, T = self.check_inputs(input_ids, attention_mask)
+        past = self.check_cache(cache)
+        B, T = self.check_inputs(input_ids, attention_mask, num_past=past)
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
-        # Chapter 07 (KV cache) starts the positions after the cached ones and widens the mask to cover them.
-        positions = torch.arange(T, device=input_ids.device)  # (T,)
+        positions = torch.arange(past, past + T, device=input_ids.device)  # (T,): after the cached ones
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)  # (T, hd)
-        mask = self.build_mask(T, attention_mask, self.config.sliding_window, device=input_ids.device)
-        x = self.run_blocks(x, cos, sin, mask)  # (B, T, C)
+        num_kept = 0 if cache is None else cache.num_kept()
+        mask = self.build_mask(T, attention_mask, self.config.sliding_window, device=input_ids.device,
+                               num_kept=num_kept)  # (T, T_k) or (B, 1, T, T_k)
+        x = self.run_blocks(x, cos, sin, mask, cache)  # (B, T, C)
         x = self.model.norm(x)
         return self.lm_head(x)  # (B, T, V)
 
