@@ -1,7 +1,8 @@
 """`Int4Linear`, a 4-bit drop-in for `nn.Linear`, and `quantize_model`, which swaps them into any model.
 
-Chapter 12 teaches this module (chapter 14 trains LoRA adapters on top of `Int4Linear`). The model never
-knows: `quantize_model` walks any `nn.Module` and replaces its `nn.Linear` children in place, so minillm's
+Chapter 12 teaches this module; chapter 14 trains LoRA adapters on top of `Int4Linear` and teaches its
+backward pass (`Linear4bitFunction`), which keeps only the 4-bit bytes between forward and backward. The model
+never knows: `quantize_model` walks any `nn.Module` and replaces its `nn.Linear` children in place, so minillm's
 GPT and Llama, or any model built from `nn.Linear`, are quantized the same way (Hugging Face's GPT-2 uses its
 own `Conv1D` layers, which are left alone).
 """
@@ -24,7 +25,8 @@ class Int4Linear(nn.Module):
     is bitsandbytes' `Linear4bit` on CPU in train mode: x is cast to `compute_dtype`, the weight is
     dequantized straight to `compute_dtype` (one rounding, from fp32), `F.linear` runs with the bias in
     `compute_dtype`, and the result is cast back to x's dtype. Gradients flow to x and the bias; the 4-bit
-    weight is frozen (chapter 14 adds trainable LoRA weights beside it).
+    weight is frozen (chapter 14 adds trainable LoRA weights beside it). The backward dequantizes the weight
+    again instead of keeping it (`Linear4bitFunction`), as bitsandbytes' `MatMul4Bit` does, with equal results.
 
     The packed weight and the tensors of its QuantState are buffers, so `.to(device)`, `state_dict()` and
     the model's byte count see them; `quant_state` puts the QuantState back together. Choose the precision
@@ -44,7 +46,8 @@ class Int4Linear(nn.Module):
             raise ValueError(f"Int4Linear: the weight must be 2-D (out_features, in_features), got shape "
                              f"{tuple(quant_state.shape)}")
         if compute_dtype not in FLOAT_DTYPES:
-            raise ValueError(f"Int4Linear: compute_dtype must be one of {FLOAT_DTYPES}, got {compute_dtype}")
+            raise ValueError(f"Int4Linear: compute_dtype must be one of {FLOAT_DTYPES}, got {compute_dtype}; 4-bit "
+                             "codes cannot be multiplied as they are, every forward dequantizes them to this dtype")
         out_features, in_features = quant_state.shape
         if bias is not None and bias.shape != (out_features,):
             raise ValueError(f"Int4Linear: a weight of shape {tuple(quant_state.shape)} needs a bias of shape "
@@ -90,7 +93,15 @@ class Int4Linear(nn.Module):
             nested_blocksize=NESTED_BLOCKSIZE if nested else None)
 
     def dequantized_weight(self) -> torch.Tensor:
-        """(out_features, in_features) weight in `compute_dtype`."""
+        """(out_features, in_features) weight in `compute_dtype`.
+
+        On a GPU chapter 13's Triton kernel dequantizes (one pass over the packed bytes, in parallel; its tests
+        check it equals these torch ops); on the CPU the torch ops of chapter 12 do, because the same kernel in
+        Triton's interpreter is tens of times slower than them (chapter 14 measures it).
+        """
+        if self.weight_packed.is_cuda:
+            from minillm.quant import kernels  # imports triton: only when a GPU needs it
+            return kernels.dequantize_4bit(self.weight_packed, self.quant_state, out_dtype=self.compute_dtype)
         return dequantize_4bit(self.weight_packed, self.quant_state, dtype=self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,13 +111,39 @@ class Int4Linear(nn.Module):
                              f"({self.out_features}, {self.in_features}); the last dimension must be "
                              f"{self.in_features}")
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        y = F.linear(x.to(self.compute_dtype), self.dequantized_weight(), bias)  # (..., out_features)
+        y = Linear4bitFunction.apply(x.to(self.compute_dtype), bias, self)  # (..., out_features)
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"quant_type={self.quant_type}, blocksize={self.blocksize}, "
                 f"double_quant={self.weight_nested_absmax is not None}, compute_dtype={self.compute_dtype}")
+
+
+class Linear4bitFunction(torch.autograd.Function):
+    """`F.linear(x, W, bias)` for an `Int4Linear`, with W dequantized in the forward and again in the backward.
+
+    Chapter 14 teaches this. Written as plain `F.linear(x, layer.dequantized_weight(), bias)`, autograd would
+    keep the dequantized W (out x in, in compute_dtype) alive from the forward to the backward of every layer:
+    a full-precision copy of the whole model, exactly what storing it in 4 bits was meant to avoid. W is frozen,
+    so the backward needs neither x nor W's gradient, only dL/dx = dL/dy @ W and dL/db = the sum of dL/dy
+    over every leading dimension; dequantizing W once more costs a little time and no memory.
+    bitsandbytes' `MatMul4Bit` does the same, with the same ops, so gradients are equal bit for bit.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, layer: Int4Linear) -> torch.Tensor:
+        ctx.layer = layer  # the module, not its tensors: nothing but the 4-bit bytes stays alive
+        return F.linear(x, layer.dequantized_weight(), bias)  # (..., out_features)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.matmul(grad_y, ctx.layer.dequantized_weight())  # (..., in_features)
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)  # (out_features,)
+        return grad_x, grad_bias, None
 
 
 def quantize_model(model: nn.Module, method: str = "nf4", skip: tuple[str, ...] = ("lm_head",),
