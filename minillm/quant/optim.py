@@ -2,7 +2,7 @@
 
 Chapter 15 teaches this module. It matches bitsandbytes 0.50's optimizers of the same names on CPU bit for
 bit: parameters and states after every step, for fp32, fp16 and bf16 parameters, above and below the
-small-tensor threshold, with and without weight decay (tests/quant/test_optim.py).
+small-tensor threshold, with and without weight decay (tests/quant/test_optim8bit.py).
 
 Adam keeps two numbers per parameter (the moments m and v); in fp32 that is 8 bytes per parameter, twice the
 parameters themselves. Dettmers et al. (2022, "8-bit Optimizers via Block-wise Quantization") store each
