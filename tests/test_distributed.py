@@ -277,7 +277,7 @@ def test_device_map_with_disk_offload_matches_the_in_memory_model(tmp_path):
 def test_multinode_script_runs_two_torchrun_nodes():
     done = subprocess.run([sys.executable, "scripts/multinode.py", "--timeout", "100"], cwd=ROOT, capture_output=True,
                           text=True, timeout=110)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, f"stdout:\n{done.stdout[-2000:]}\nstderr:\n{done.stderr[-3000:]}"
     lines = done.stdout.splitlines()
     assert "--nnodes=2" in lines[1] and "--node-rank=1" in lines[1] and "--master-addr=127.0.0.1" in lines[1], lines
     assert "world size 2: rank 0 on node" in done.stdout and "replicas agree after the step: True" in done.stdout
