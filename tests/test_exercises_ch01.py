@@ -5,15 +5,7 @@ import math
 import numpy as np
 
 from minillm.exercises import ch01
-
-
-def stub(*args, **kwargs):
-    raise NotImplementedError
-
-
-def outputs(capsys) -> list[str]:
-    """The status lines printed so far, without the hint lines that follow a failure."""
-    return [line for line in capsys.readouterr().out.splitlines() if line.startswith("Exercise")]
+from exercise_helpers import stub, outputs
 
 
 # --- 1.1 broadcast shape --------------------------------------------------------------------------

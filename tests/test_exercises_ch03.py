@@ -4,15 +4,7 @@ import numpy as np
 
 from minillm.engine import nn
 from minillm.exercises import ch03
-
-
-def stub(*args):
-    raise NotImplementedError
-
-
-def outputs(capsys) -> list[str]:
-    """The status lines printed so far, without the hint lines that follow a failure."""
-    return [line for line in capsys.readouterr().out.splitlines() if line.startswith("Exercise")]
+from exercise_helpers import stub, outputs
 
 
 # --- 3.1 SGD with momentum ------------------------------------------------------------------------

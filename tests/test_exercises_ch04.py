@@ -1,15 +1,7 @@
 """Chapter 04's checks pass right answers, flag plausible wrong ones and wait for untouched stubs."""
 
 from minillm.exercises import ch04
-
-
-def stub(*args, **kwargs):
-    raise NotImplementedError
-
-
-def outputs(capsys) -> list[str]:
-    """The status lines printed so far, without the hint lines that follow a failure."""
-    return [line for line in capsys.readouterr().out.splitlines() if line.startswith("Exercise")]
+from exercise_helpers import stub, outputs
 
 
 # --- 4.1 bytes_to_unicode -------------------------------------------------------------------------

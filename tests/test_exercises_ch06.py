@@ -4,17 +4,9 @@ import torch
 import torch.nn.functional as TF
 
 from minillm.exercises import ch06
+from exercise_helpers import stub, outputs
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-def stub(*args):
-    raise NotImplementedError
-
-
-def outputs(capsys) -> list[str]:
-    """The status lines printed so far, without the hint lines that follow a failure."""
-    return [line for line in capsys.readouterr().out.splitlines() if line.startswith("Exercise")]
 
 
 # --- 6.1 RMSNorm -----------------------------------------------------------------------------------

@@ -3,15 +3,7 @@
 import torch
 
 from minillm.exercises import ch07
-
-
-def stub(*args):
-    raise NotImplementedError
-
-
-def outputs(capsys) -> list[str]:
-    """The status lines printed so far, without the hint lines that follow a failure."""
-    return [line for line in capsys.readouterr().out.splitlines() if line.startswith("Exercise")]
+from exercise_helpers import stub, outputs
 
 
 # --- 7.1 top-k ------------------------------------------------------------------------------------

@@ -7,22 +7,7 @@ from torch import nn
 
 pytest.importorskip("peft")
 from minillm.exercises import ch09  # noqa: E402
-
-
-def stub(*args):
-    raise NotImplementedError
-
-
-def outputs(capsys) -> list[str]:
-    """The status lines printed so far, without the hint lines that follow a failure."""
-    return [line for line in capsys.readouterr().out.splitlines() if line.startswith("Exercise")]
-
-
-def run_three(check, right, wrong, capsys) -> tuple[str, str, str]:
-    check(right)
-    check(stub)
-    check(wrong)
-    return tuple(outputs(capsys))
+from exercise_helpers import stub, outputs, run_three  # noqa: E402
 
 
 # --- 9.1 the LoRA forward ---------------------------------------------------------------------------

@@ -9,25 +9,10 @@ import torch.nn.functional as F
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 pytest.importorskip("peft")
 from minillm.exercises import ch10  # noqa: E402
+from exercise_helpers import stub, outputs, run_three  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"),  # deprecations inside PEFT / transformers
               pytest.mark.filterwarnings("ignore:Position ids are not supported:UserWarning")]
-
-
-def stub(*args):
-    raise NotImplementedError
-
-
-def outputs(capsys) -> list[str]:
-    """The status lines printed so far, without the hint lines that follow a failure."""
-    return [line for line in capsys.readouterr().out.splitlines() if line.startswith("Exercise")]
-
-
-def run_three(check, right, wrong, capsys) -> tuple[str, str, str]:
-    check(right)
-    check(stub)
-    check(wrong)
-    return tuple(outputs(capsys))
 
 
 # --- 10.1 prefix layout --------------------------------------------------------------------------

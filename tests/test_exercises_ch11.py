@@ -3,22 +3,7 @@
 import torch
 
 from minillm.exercises import ch11
-
-
-def stub(*args):
-    raise NotImplementedError
-
-
-def outputs(capsys) -> list[str]:
-    """The status lines printed so far, without the hint lines that follow a failure."""
-    return [line for line in capsys.readouterr().out.splitlines() if line.startswith("Exercise")]
-
-
-def run_three(capsys, check, right, wrong) -> tuple[str, str, str]:
-    check(right)
-    check(stub)
-    check(wrong)
-    return tuple(outputs(capsys))
+from exercise_helpers import stub, outputs, run_three
 
 
 # --- 11.1 absmax per row ------------------------------------------------------------------------------
@@ -35,8 +20,8 @@ def absmax_quantize_whole_tensor(x):
 
 
 def test_absmax_quantize_rows_check(capsys):
-    passed, stubbed, wrong = run_three(capsys, ch11.check_absmax_quantize_rows, absmax_quantize_rows,
-                                       absmax_quantize_whole_tensor)
+    passed, stubbed, wrong = run_three(ch11.check_absmax_quantize_rows, absmax_quantize_rows,
+                                       absmax_quantize_whole_tensor, capsys)
     assert passed == "Exercise 11.1 (absmax per row): passed ✓"
     assert stubbed.startswith("Exercise 11.1 (absmax per row): not attempted yet")
     assert wrong.startswith("Exercise 11.1 (absmax per row): not yet ✗ - case 1: scale of a (4, 8) x: first mismatch")
@@ -54,7 +39,7 @@ def int8_matmul_through_fp32(a, b):
 
 
 def test_int8_matmul_check(capsys):
-    passed, stubbed, wrong = run_three(capsys, ch11.check_int8_matmul, int8_matmul, int8_matmul_through_fp32)
+    passed, stubbed, wrong = run_three(ch11.check_int8_matmul, int8_matmul, int8_matmul_through_fp32, capsys)
     assert passed == "Exercise 11.2 (int8 matmul, int32 accumulation): passed ✓"
     assert stubbed.startswith("Exercise 11.2 (int8 matmul, int32 accumulation): not attempted yet")
     assert wrong.startswith("Exercise 11.2 (int8 matmul, int32 accumulation): not yet ✗ - case 4: "
@@ -79,7 +64,7 @@ def outlier_columns_strict(x, threshold):
 
 
 def test_outlier_columns_check(capsys):
-    passed, stubbed, wrong = run_three(capsys, ch11.check_outlier_columns, outlier_columns, outlier_columns_strict)
+    passed, stubbed, wrong = run_three(ch11.check_outlier_columns, outlier_columns, outlier_columns_strict, capsys)
     assert passed == "Exercise 11.3 (outlier columns): passed ✓"
     assert stubbed.startswith("Exercise 11.3 (outlier columns): not attempted yet")
     assert wrong.startswith("Exercise 11.3 (outlier columns): not yet ✗ - case 2: outlier columns of a (3, 9) x, "
@@ -106,8 +91,8 @@ def zeropoint_quantize_without_zero(x):
 
 
 def test_zeropoint_quantize_tensor_check(capsys):
-    passed, stubbed, wrong = run_three(capsys, ch11.check_zeropoint_quantize_tensor, zeropoint_quantize_tensor,
-                                       zeropoint_quantize_without_zero)
+    passed, stubbed, wrong = run_three(ch11.check_zeropoint_quantize_tensor, zeropoint_quantize_tensor,
+                                       zeropoint_quantize_without_zero, capsys)
     assert passed == "Exercise 11.4 (zero-point per tensor): passed ✓"
     assert stubbed.startswith("Exercise 11.4 (zero-point per tensor): not attempted yet")
     assert wrong.startswith("Exercise 11.4 (zero-point per tensor): not yet ✗ - case 2: scale of x of shape (3, 7)")

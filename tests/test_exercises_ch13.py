@@ -12,21 +12,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from minillm.exercises import ch13  # noqa: E402
-
-def stub(*args):
-    raise NotImplementedError
-
-
-def outputs(capsys) -> list[str]:
-    """The status lines printed so far, without the hint lines that follow a failure."""
-    return [line for line in capsys.readouterr().out.splitlines() if line.startswith("Exercise")]
-
-
-def run_three(check, right, wrong, capsys) -> tuple[str, str, str]:
-    check(right)
-    check(stub)
-    check(wrong)
-    return tuple(outputs(capsys))
+from exercise_helpers import stub, outputs, run_three  # noqa: E402
 
 
 # --- 13.1 unpack nibbles --------------------------------------------------------------------------

@@ -9,22 +9,7 @@ pytest.importorskip("bitsandbytes")
 pytest.importorskip("peft")
 from minillm.exercises import ch14  # noqa: E402
 from minillm.quant.nf4 import dequantize_4bit, get_4bit_code, unpack_nibbles  # noqa: E402
-
-
-def stub(*args):
-    raise NotImplementedError
-
-
-def outputs(capsys) -> list[str]:
-    """The status lines printed so far, without the hint lines that follow a failure."""
-    return [line for line in capsys.readouterr().out.splitlines() if line.startswith("Exercise")]
-
-
-def run_three(check, right, wrong, capsys) -> tuple[str, str, str]:
-    check(right)
-    check(stub)
-    check(wrong)
-    return tuple(outputs(capsys))
+from exercise_helpers import stub, outputs, run_three  # noqa: E402
 
 
 # --- 14.1 count LoRA parameters ------------------------------------------------------------------

@@ -7,22 +7,7 @@ import torch
 
 pytest.importorskip("bitsandbytes")
 from minillm.exercises import ch15  # noqa: E402
-
-
-def stub(*args):
-    raise NotImplementedError
-
-
-def outputs(capsys) -> list[str]:
-    """The status lines printed so far, without the hint lines that follow a failure."""
-    return [line for line in capsys.readouterr().out.splitlines() if line.startswith("Exercise")]
-
-
-def run_three(check, right, wrong, capsys) -> tuple[str, str, str]:
-    check(right)
-    check(stub)
-    check(wrong)
-    return tuple(outputs(capsys))
+from exercise_helpers import stub, outputs, run_three  # noqa: E402
 
 
 def assert_three(statuses, number):

@@ -62,5 +62,18 @@ def expect_equal(got, expected, what: str = "result", atol: float = 1e-6, rtol: 
         raise Mismatch(f"{what}: {problem}")
 
 
+def expect_tensor(got, expected, what: str = "result", check_dtype: bool = True):
+    """Raise `Mismatch` unless `got` is a torch tensor of `expected`'s shape (and dtype); return it detached on the CPU."""
+    import torch  # here, not at the top: the numpy chapters (01-03) never need torch
+
+    if not isinstance(got, torch.Tensor):
+        raise Mismatch(f"{what}: expected a torch tensor, got {type(got).__name__}")
+    if got.shape != expected.shape:
+        raise Mismatch(f"{what}: expected shape {tuple(expected.shape)}, got shape {tuple(got.shape)}")
+    if check_dtype and got.dtype != expected.dtype:
+        raise Mismatch(f"{what}: expected dtype {expected.dtype}, got {got.dtype}")
+    return got.detach().cpu()
+
+
 def _fail(title: str, problem: str, hint: str) -> None:
     print(f"{title}: not yet ✗ - {problem}" + (f"\n    hint: {hint}" if hint else ""))

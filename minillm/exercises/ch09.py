@@ -8,7 +8,7 @@ import warnings
 import torch
 from torch import nn
 
-from minillm.exercises import Mismatch, check, expect_equal
+from minillm.exercises import Mismatch, check, expect_equal, expect_tensor
 
 
 @contextlib.contextmanager
@@ -45,11 +45,8 @@ def _randn(*shape, seed: int) -> torch.Tensor:
 
 
 def _expect_tensor(got, expected: torch.Tensor, what: str) -> None:
-    if not isinstance(got, torch.Tensor):
-        raise Mismatch(f"{what}: expected a torch tensor, got {type(got).__name__}")
-    if got.shape != expected.shape:
-        raise Mismatch(f"{what}: expected shape {tuple(expected.shape)}, got shape {tuple(got.shape)}")
-    expect_equal(got.detach(), expected.detach(), what=what, atol=1e-5, rtol=1e-5)
+    got = expect_tensor(got, expected, what, check_dtype=False)
+    expect_equal(got, expected.detach(), what=what, atol=1e-5, rtol=1e-5)
 
 
 def check_lora_forward(lora_forward) -> None:

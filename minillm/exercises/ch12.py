@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from minillm.exercises import Mismatch, check, expect_equal
+from minillm.exercises import Mismatch, check, expect_equal, expect_tensor
 
 
 def _bnb():
@@ -22,13 +22,6 @@ def _bnb_codes(x: torch.Tensor, blocksize: int,
     return packed, codes, state.absmax
 
 
-def _expect_tensor(got, expected: torch.Tensor, what: str) -> None:
-    if not isinstance(got, torch.Tensor):
-        raise Mismatch(f"{what}: expected a torch tensor, got {type(got).__name__}")
-    if got.shape != expected.shape:
-        raise Mismatch(f"{what}: expected shape {tuple(expected.shape)}, got shape {tuple(got.shape)}")
-    if got.dtype != expected.dtype:
-        raise Mismatch(f"{what}: expected dtype {expected.dtype}, got {got.dtype}")
 
 
 def check_pack_nibbles(pack_nibbles) -> None:
@@ -40,7 +33,7 @@ def check_pack_nibbles(pack_nibbles) -> None:
             packed, codes, _ = _bnb_codes(x, blocksize, quant_type)
             got = pack_nibbles(codes.clone())
             what = f"pack_nibbles(codes of {quant_type}, {codes.numel()} values)"
-            _expect_tensor(got, packed, what)
+            expect_tensor(got, packed, what)
             expect_equal(got.long(), packed.long(), what=f"{what}, bytes", atol=0, rtol=0)
         return run
 
@@ -54,7 +47,7 @@ def check_nf4_code(nf4_code) -> None:
     def run():
         expected = _bnb().get_4bit_type("nf4", device="cpu")
         got = nf4_code()
-        _expect_tensor(got, expected, "nf4_code()")
+        expect_tensor(got, expected, "nf4_code()")
         expect_equal(got, expected, what="nf4_code()", atol=1e-6, rtol=0)
 
     check("Exercise 12.2 (derive the NF4 table)", [run],
@@ -97,7 +90,7 @@ def check_quantize_block(quantize_block) -> None:
             if not isinstance(got, tuple) or len(got) != 2:
                 raise Mismatch(f"{what}: expected a tuple (codes, absmax)")
             got_codes, got_absmax = got
-            _expect_tensor(got_codes, codes[:n], f"{what}, codes")
+            expect_tensor(got_codes, codes[:n], f"{what}, codes")
             expect_equal(got_codes.long(), codes[:n].long(), what=f"{what}, codes", atol=0, rtol=0)
             expect_equal(float(got_absmax), float(absmax[0]), what=f"{what}, absmax", atol=0, rtol=0)
         return run

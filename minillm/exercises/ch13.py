@@ -10,7 +10,7 @@ every run instead of depending on whatever bytes happen to follow the tensor.
 
 import torch
 
-from minillm.exercises import Mismatch, check, expect_equal
+from minillm.exercises import Mismatch, check, expect_equal, expect_tensor
 from minillm.quant.nf4 import dequantize_4bit, get_4bit_code, quantize_4bit, unpack_nibbles
 
 SENTINEL = 1.0e4  # what a kernel reads past the end of an input if it forgets its mask
@@ -28,15 +28,6 @@ def _inside_sentinel_buffer(values: torch.Tensor, extra: int) -> torch.Tensor:
     return buffer[:values.numel()]  # (n,) a view: loads past its end see the sentinel
 
 
-def _expect_tensor(got, expected: torch.Tensor, what: str) -> torch.Tensor:
-    """Raise `Mismatch` unless got is a tensor of expected's shape and dtype; return it on the CPU."""
-    if not isinstance(got, torch.Tensor):
-        raise Mismatch(f"{what}: expected a torch tensor, got {type(got).__name__}")
-    if got.shape != expected.shape:
-        raise Mismatch(f"{what}: expected shape {tuple(expected.shape)}, got shape {tuple(got.shape)}")
-    if got.dtype != expected.dtype:
-        raise Mismatch(f"{what}: expected dtype {expected.dtype}, got {got.dtype}")
-    return got.detach().cpu()
 
 
 def _random(n: int, seed: int, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
@@ -51,7 +42,7 @@ def check_unpack_nibbles(unpack_nibbles_kernel) -> None:
             expected = unpack_nibbles(packed)  # (2m,)
             got = unpack_nibbles_kernel(packed.to(_device()))
             what = f"unpack_nibbles_kernel({packed.numel()} bytes)"
-            got = _expect_tensor(got, expected, what)
+            got = expect_tensor(got, expected, what)
             expect_equal(got.long(), expected.long(), what=what, atol=0, rtol=0)
         return run
 
@@ -73,7 +64,7 @@ def check_block_absmax(block_absmax) -> None:
             x_in = _inside_sentinel_buffer(x.to(_device()), extra=blocksize)
             got = block_absmax(x_in, blocksize)
             what = f"block_absmax(x of {x.numel()} values, blocksize={blocksize})"
-            got = _expect_tensor(got, expected, what)
+            got = expect_tensor(got, expected, what)
             if not torch.isfinite(got).all():
                 raise Mismatch(f"{what}: got a non-finite absmax {got.tolist()}")
             if got.max() >= SENTINEL:
@@ -104,7 +95,7 @@ def check_dequantize_nf4(dequantize_nf4) -> None:
             got = dequantize_nf4(packed.reshape(-1).to(device), state.absmax.to(device),
                                  get_4bit_code(quant_type).to(device), n, blocksize)
             what = f"dequantize_nf4({quant_type}, n={n}, blocksize={blocksize})"
-            got = _expect_tensor(got, expected, what)
+            got = expect_tensor(got, expected, what)
             expect_equal(got, expected, what=what, atol=0, rtol=0)
         return run
 
@@ -130,7 +121,7 @@ def check_dequantize_rows(dequantize_rows) -> None:
             device = _device()
             got = dequantize_rows(q.to(device), row_scale.to(device))
             what = f"dequantize_rows(q of shape {(rows, cols)})"
-            got = _expect_tensor(got, expected, what)
+            got = expect_tensor(got, expected, what)
             expect_equal(got, expected, what=what, atol=0, rtol=0)
         return run
 

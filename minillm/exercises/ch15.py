@@ -3,7 +3,7 @@ its 32-bit `Lion` and its `Adam8bit` state, and torch's `AdamW` for the fp32 Ada
 
 import torch
 
-from minillm.exercises import Mismatch, check, expect_equal
+from minillm.exercises import Mismatch, check, expect_equal, expect_tensor
 
 
 def _bnb():
@@ -15,11 +15,6 @@ def _randn(shape, seed: int, scale: float = 1.0) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scale
 
 
-def _expect_tensor(got, expected: torch.Tensor, what: str) -> None:
-    if not isinstance(got, torch.Tensor):
-        raise Mismatch(f"{what}: expected a torch tensor, got {type(got).__name__}")
-    if got.shape != expected.shape:
-        raise Mismatch(f"{what}: expected shape {tuple(expected.shape)}, got shape {tuple(got.shape)}")
 
 
 def _expect_tuple(got, length: int, what: str) -> tuple:
@@ -41,7 +36,7 @@ def check_dequantize_state(dequantize_state) -> None:
             expected = bnb_F.dequantize_blockwise(codes, absmax=state.absmax, code=code, blocksize=256)
             what = f"dequantize_state(codes of shape {tuple(shape)}, {'signed' if signed else 'unsigned'} map)"
             got = dequantize_state(codes.clone(), state.absmax.clone(), code.clone())
-            _expect_tensor(got, expected, what)
+            expect_tensor(got, expected, what, check_dtype=False)
             expect_equal(got, expected, what=what, atol=0, rtol=1e-6)
         return run
 
@@ -72,7 +67,7 @@ def check_adam_step(adam_step) -> None:
             got = _expect_tuple(adam_step(p.clone(), grad.clone(), m.clone(), v.clone(), step, lr, betas, eps,
                                           weight_decay), 3, what)
             for name, g, e in zip(("p", "m", "v"), got, expected):
-                _expect_tensor(g, e, f"{what}, {name}")
+                expect_tensor(g, e, f"{what}, {name}", check_dtype=False)
                 expect_equal(g, e, what=f"{what}, new {name}", atol=1e-7, rtol=1e-5)
         return run
 
@@ -97,7 +92,7 @@ def check_lion_step(lion_step) -> None:
             what = f"lion_step({n} values, weight_decay={weight_decay})"
             got = _expect_tuple(lion_step(p.clone(), grad.clone(), m.clone(), lr, betas, weight_decay), 2, what)
             for name, g, e in zip(("p", "m"), got, expected):
-                _expect_tensor(g, e, f"{what}, {name}")
+                expect_tensor(g, e, f"{what}, {name}", check_dtype=False)
                 expect_equal(g, e, what=f"{what}, new {name}", atol=1e-7, rtol=1e-6)
         return run
 
