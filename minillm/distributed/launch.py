@@ -24,8 +24,10 @@ import pickle
 import queue
 import socket
 import sys
+import sysconfig
 import time
 import traceback
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -111,6 +113,16 @@ def _check_launchable(fn) -> None:
             f"distributed.workers holds the chapter's), or run it in threads with minillm.distributed.threads")
 
 
+def _short_paths(text: str) -> str:
+    """The traceback with the repository's and site-packages' directories cut off the file names.
+
+    'minillm/distributed/workers.py' reads better than an absolute path, and is the same on every machine.
+    """
+    for directory in (sysconfig.get_paths()["purelib"], str(Path(__file__).resolve().parents[2])):
+        text = text.replace(directory + os.sep, "")
+    return text
+
+
 def _run_rank(fn, args, rank, world_size, port, timeout, collective_timeout, reports) -> None:
     """The body of one rank's process: join the group, run fn, report the result or the traceback."""
     os.environ["GLOO_SOCKET_IFNAME"] = loopback_interface()
@@ -129,7 +141,7 @@ def _run_rank(fn, args, rank, world_size, port, timeout, collective_timeout, rep
         # shared memory that this process frees when it exits, possibly before the parent reads it.
         reports.put((rank, "ok", pickle.dumps(result)))
     except BaseException:  # noqa: BLE001 - everything, KeyboardInterrupt included, goes back to the parent
-        reports.put((rank, "error", traceback.format_exc()))
+        reports.put((rank, "error", _short_paths(traceback.format_exc())))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
