@@ -19,6 +19,7 @@ process stepping on the whole batch. Chapter 16 runs this script.
 
 import argparse
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -37,9 +38,24 @@ def node_command(node_rank: int, port: int) -> list[str]:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's ephemeral range, so that no socket bound to port 0 can take it first.
+
+    The port is only reserved once node 0's torchrun binds it, seconds later. A port the kernel hands out
+    for `bind(port 0)` (gloo's connections, a Jupyter kernel's sockets) could be given to someone else in
+    between; ports below the ephemeral range are never handed out that way.
+    """
+    low = 32768
+    range_file = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    if range_file.exists():
+        low = int(range_file.read_text().split()[0])
+    for port in random.Random().sample(range(max(1024, low - 12000), low), 50):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port found below {low}")
 
 
 def run_nodes(timeout: float) -> int:
@@ -53,17 +69,17 @@ def run_nodes(timeout: float) -> int:
     nodes = [subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, start_new_session=True) for command in commands]
     deadline = time.monotonic() + timeout
-    try:
-        outputs = [node.communicate(timeout=max(1.0, deadline - time.monotonic())) for node in nodes]
-    except subprocess.TimeoutExpired:
-        print(f"the nodes did not finish within {timeout} s; stopped them", file=sys.stderr)
-        return 1
-    finally:
-        for node in nodes:  # each node's session holds its workers: stop them all, even on failure
-            if node.poll() is None:
-                os.killpg(node.pid, 9)
-                node.wait()
-    failed = [i for i, node in enumerate(nodes) if node.returncode != 0]
+    # Wait until both finish, one fails (the other would wait for it until its own timeout), or time is up.
+    while any(node.poll() is None for node in nodes) and not any(node.poll() for node in nodes):
+        if time.monotonic() > deadline:
+            print(f"the nodes did not finish within {timeout} s; stopping them", file=sys.stderr)
+            break
+        time.sleep(0.2)
+    for node in nodes:  # each node's session holds its workers: stop them all, even on failure
+        if node.poll() is None:
+            os.killpg(node.pid, 9)
+    outputs = [node.communicate() for node in nodes]
+    failed = [i for i, node in enumerate(nodes) if node.returncode != 0]  # a stopped node counts
     for i in failed:
         print(f"node process {i} exited with {nodes[i].returncode}; its stderr ends:\n"
               + "\n".join(outputs[i][1].splitlines()[-20:]), file=sys.stderr)
