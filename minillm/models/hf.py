@@ -228,6 +228,11 @@ def _load(target: nn.Module, state: dict[str, torch.Tensor], source: nn.Module) 
     """Copy `state` into `target` (every key must match) and give it `source`'s dtype and train/eval mode."""
     dtype = next(source.parameters()).dtype
     target = target.to(dtype)
+    adapters = [key for key in state if ".lora_" in key]
+    if adapters:  # chapter 09's LoRALinear wraps the layer, so the HF names no longer match
+        raise ValueError(f"{type(source).__name__} carries LoRA adapters (e.g. {adapters[0]!r}): convert before "
+                         f"add_lora, or fold them into the weights first with minillm.peft.merge_lora(model); "
+                         f"save_adapter writes the adapters themselves in PEFT's format")
     missing, unexpected = target.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{type(target).__name__}: weights do not match by name; missing {sorted(missing)}, "

@@ -83,6 +83,18 @@ def test_starts_as_the_base_model(twins):
     assert torch.equal(ours(ids), before), "the wrapped model must equal the base model while B is zero"
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_to_hf_with_adapters_says_what_to_do(arch, twins):
+    """Converting a model whose layers are wrapped must name the cause, not list mismatched weight names."""
+    _, ours, targets = twins(arch)
+    add_lora(ours, r=2, alpha=4, target_modules=targets)
+    with pytest.raises(ValueError, match="carries LoRA adapters.*merge_lora"):
+        ours.to_hf()
+    merged = merge_lora(ours)  # the advice in the message works: the merged model converts, logits unchanged
+    ids = ids_for(merged)
+    assert torch.equal(merged.to_hf()(ids).logits, merged(ids)), "to_hf after merge_lora must keep the logits"
+
+
 def test_freezes_everything_else_and_counts(twins):
     _, ours, _ = twins("gpt2")
     add_lora(ours, r=4, alpha=8, target_modules=["c_attn"])
