@@ -29,6 +29,9 @@ from minillm.quant import kernels
 from minillm.quant.int8 import Int8Linear, absmax_dequantize, absmax_quantize
 from minillm.quant.kernels import dequant, matmul
 from minillm.quant.nf4 import QUANT_TYPES, dequantize_4bit, quantize_4bit
+from quant_samples import sample
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 DEVICE = "cpu" if kernels.INTERPRETED else "cuda"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -36,24 +39,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # a last dimension that is (64 * 3) and a 1-D tensor longer than one block.
 SHAPES = [(1,), (7,), (3, 96), (5, 333), (2, 3, 65), (4, 192), (1000,)]
 bnb_dequantize_4bit_torch = _dequantize_4bit_compute.__wrapped__  # bitsandbytes' pure-torch path, uncompiled
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a busy 2-core machine, thread hand-offs slow the many small reference ops."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def sample(shape, dtype, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g) * 3
-    x.view(-1)[::97] *= 10  # a few large values, so blocks get very different absmax
-    if x.numel() > 100:
-        x.view(-1)[:32] = 0  # an all-zero block
-    return x.to(dtype)
 
 
 def on_device(packed, state):

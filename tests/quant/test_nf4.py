@@ -21,6 +21,9 @@ from minillm.quant.blockwise import create_dynamic_map
 from minillm.quant.nf4 import (BLOCKSIZES_4BIT, QUANT_TYPES, QuantState, bits_per_parameter, create_fp4_code,
                                create_nf4_code, dequantize_4bit, get_4bit_code, pack_nibbles, quantize_4bit,
                                unpack_nibbles)
+from quant_samples import sample
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 bnb_dequantize_4bit_torch = _dequantize_4bit_compute.__wrapped__  # bitsandbytes' correct pure-torch path
 
@@ -28,25 +31,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Odd counts (1, 7, 1665, 4097, 390), ragged last blocks for every blocksize, rows that are not a multiple of
 # the blocksize (96, 333, 65), and exact multiples (64 * 64).
 SHAPES = [(1,), (7,), (3, 96), (5, 333), (4097,), (2, 3, 65), (64, 64)]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Run this module's many small ops on one thread: on a busy 2-core machine, thread hand-offs made them
-    four times slower. The previous setting is restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def sample(shape, dtype, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g) * 3
-    x.view(-1)[::97] *= 10  # a few large values, so blocks get very different absmax
-    if x.numel() > 100:
-        x.view(-1)[:64] = 0  # an all-zero block for the small blocksizes
-    return x.to(dtype)
 
 
 def bnb_quantize(x, blocksize, quant_type, compress_statistics=False):

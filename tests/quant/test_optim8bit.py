@@ -15,6 +15,8 @@ import torch
 
 from minillm.quant.optim import BLOCKSIZE, Adam8bit, AdamW8bit, Lion8bit, dynamic_map, state_bytes
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 STEPS = 12
 SHAPES = [(100,), (4095,), (4096,), (5000,), (33, 257)]  # fp32 states | 8-bit, incl. ragged last blocks
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -24,15 +26,6 @@ CONFIGS = [  # (our class, bitsandbytes' class, constructor arguments)
     (AdamW8bit, bnb.optim.AdamW8bit, dict(lr=3e-3)),
     (Lion8bit, bnb.optim.Lion8bit, dict(lr=1e-3, weight_decay=0.1)),
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Many small ops: one thread is faster on a busy 2-core machine. The previous setting is restored."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def gradients(shape, dtype, seed: int, steps: int = STEPS) -> list[torch.Tensor]:
