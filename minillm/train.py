@@ -175,20 +175,22 @@ class TrainConfig:
     show_progress: bool = True
 
 
-def make_optimizer(model, config: TrainConfig) -> torch.optim.AdamW:
+def make_optimizer(model, config: TrainConfig, optimizer_class=torch.optim.AdamW) -> torch.optim.Optimizer:
     """AdamW with weight decay on the matrices only: decaying biases, LayerNorm gains and embeddings' 1-D
-    friends only pulls them away from the values they need (nanoGPT does the same)."""
+    friends only pulls them away from the values they need (nanoGPT does the same). `optimizer_class` takes
+    any optimizer with AdamW's arguments, such as chapter 15's `AdamW8bit`."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.max_lr, betas=config.betas)
+    return optimizer_class(groups, lr=config.max_lr, betas=config.betas)
 
 
-def train(model, train_tokens: torch.Tensor, val_tokens: torch.Tensor, config: TrainConfig) -> dict[str, list]:
+def train(model, train_tokens: torch.Tensor, val_tokens: torch.Tensor, config: TrainConfig,
+          optimizer_class=torch.optim.AdamW) -> dict[str, list]:
     """Train `model` in place; return its history: per step "lr", "train_loss", "grad_norm", and per
     evaluation "val_step", "val_loss"."""
     generator = torch.Generator().manual_seed(config.seed)
-    optimizer = make_optimizer(model, config)
+    optimizer = make_optimizer(model, config, optimizer_class)
     model.gradient_checkpointing = config.gradient_checkpointing
     model.train()
     history = {"lr": [], "train_loss": [], "grad_norm": [], "val_step": [], "val_loss": []}
