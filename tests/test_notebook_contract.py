@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from minillm.exercises import all_exercises
+
 ROOT = Path(__file__).resolve().parents[1]
 CHAPTERS = sorted((ROOT / "chapters").glob("*.ipynb"))
 NOTEBOOKS = CHAPTERS + sorted((ROOT / "solutions").glob("*.ipynb"))
@@ -59,3 +61,19 @@ def test_stubs_wait_and_solutions_pass(chapter):
     waiting, solved = statuses(load(chapter)), statuses(load(ROOT / "solutions" / chapter.name))
     assert waiting and all("not attempted yet" in s for s in waiting), f"{chapter.name}: stubs must be untouched"
     assert solved and all(s.endswith("passed ✓") for s in solved), f"solutions/{chapter.name}: {solved}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_build_exercises_come_before_the_package_shows_the_answer(path):
+    """COURSE.md §4: no cell before a build exercise's check may `show()` the component the learner writes."""
+    chapter = int(path.name[:2])
+    sources = ["".join(c["source"]) for c in code_cells(load(path))]
+    for build in [e for e in all_exercises() if e.chapter == chapter and e.kind == "build"]:
+        call = re.compile(rf"\bch{chapter:02d}\.{build.check}\(")
+        at = next((i for i, source in enumerate(sources) if call.search(source)), None)
+        assert at is not None, f"{path.name}: build exercise {build.number} ({build.check}) is never checked"
+        for name in build.hides:
+            shown = re.compile(rf"\bshow\(\s*{re.escape(name)}\s*\)")
+            early = [i for i, source in enumerate(sources[:at]) if shown.search(source)]
+            assert not early, (f"{path.name}: show({name}) in code cell {early[0] + 1} gives away build exercise "
+                               f"{build.number}, checked in code cell {at + 1}; move it after the exercise")

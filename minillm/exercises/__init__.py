@@ -41,6 +41,7 @@ class Exercise:
     component: str | None = None    # use(component=...) swaps it in
     replaces: str | None = None     # "module.path:attribute" or "module.path:Class.attribute"
     hides: tuple[str, ...] = ()     # show() targets that would give the answer away
+    check: str = ""                 # the name of its check function in minillm.exercises.chNN
 
     @property
     def label(self) -> str:
@@ -63,10 +64,9 @@ def exercise(number: str, title: str, kind: str = "practice", component: str | N
         raise ValueError(f"exercise kind must be 'build' or 'practice', got {kind!r}")
     if kind == "build" and not (component and replaces):
         raise ValueError(f"build exercise {number} needs a component name and the attribute it replaces")
-    entry = Exercise(number, title, kind, component, replaces, tuple(hides))
 
     def register(check_function: Callable) -> Callable:
-        EXERCISES[number] = entry
+        EXERCISES[number] = Exercise(number, title, kind, component, replaces, tuple(hides), check_function.__name__)
         return check_function
     return register
 
