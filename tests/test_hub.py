@@ -15,19 +15,10 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from minillm import hub
+from minillm.hub import real_text
 from minillm.models import GPT, Llama
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def real_text() -> str:
-    """Text that ships with every CPython: its licence (or, failing that, the Zen of Python)."""
-    licence = Path(os.__file__).parent / "LICENSE.txt"
-    if licence.is_file():
-        return licence.read_text(encoding="utf-8")
-    import codecs
-    import this
-    return codecs.decode(this.s, "rot13")
 
 
 def write_tokenizer(folder: Path) -> transformers.PreTrainedTokenizerFast:
@@ -144,6 +135,7 @@ def test_download_offline_is_a_clear_message():
 MEASURE = """
 import resource, sys, torch
 from minillm import hub
+from minillm.hub import real_text
 import transformers  # imported before the baseline, as load_hf would
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 model, _ = hub.load_hf(sys.argv[1])
