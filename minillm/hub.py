@@ -101,7 +101,11 @@ def _convert(folder: Path, model_type: str, dtype: torch.dtype | None):
     from minillm.models.hf import from_hf
 
     hf_class = getattr(transformers, SUPPORTED_TYPES[model_type])
-    hf_model = hf_class.from_pretrained(folder, dtype=dtype or torch.float32, attn_implementation="eager")
+    transformers.utils.logging.disable_progress_bar()  # its stderr bar would look like an error in a notebook
+    try:
+        hf_model = hf_class.from_pretrained(folder, dtype=dtype or torch.float32, attn_implementation="eager")
+    finally:
+        transformers.utils.logging.enable_progress_bar()
     model = from_hf(hf_model.eval())
     del hf_model
     return model
