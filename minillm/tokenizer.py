@@ -17,7 +17,8 @@ trained by `trainers.BpeTrainer(vocab_size=..., special_tokens=[...],
 initial_alphabet=pre_tokenizers.ByteLevel.alphabet())`. On the same texts `BPETokenizer.train` learns the
 same vocabulary (ids included) and the same merges in the same order, and `encode` returns the same ids;
 tests/test_tokenizer.py checks all three. `save` writes HF's tokenizer.json format, so either library can
-load the other's file.
+load the other's file; `load` also reads the tokenizer.json that transformers' `GPT2Tokenizer` writes (its
+empty `continuing_subword_prefix` and `end_of_word_suffix` mean null to HF, and to us; tests/test_bad_input.py).
 
 Special tokens (e.g. "<|endoftext|>") get the first ids, in the order given, as in HF. Like HF's added
 special tokens, `encode` cuts the text at every exact occurrence of one (the longest one where two start at
@@ -43,6 +44,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import regex
+
+from minillm.files import read_json, write_files_atomically
 
 # Contractions, then a word, a number or a punctuation run each with at most one leading space, then
 # whitespace. `\s+(?!\S)` leaves the last space of a run for the next word, so "a  b" -> "a", " ", " b".
@@ -286,17 +289,15 @@ class BPETokenizer:
         return b"".join(pieces).decode("utf-8", errors="replace")
 
     def save(self, path: str | Path) -> None:
-        """Write HF's tokenizer.json format; `tokenizers.Tokenizer.from_file(path)` loads it too."""
-        Path(path).write_text(json.dumps(self._to_hf_json(), ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        """Write HF's tokenizer.json format; `tokenizers.Tokenizer.from_file(path)` loads it too.
+
+        Atomic (minillm.files): a save that fails halfway leaves the old file at `path` whole."""
+        write_files_atomically({Path(path): json.dumps(self._to_hf_json(), ensure_ascii=False, indent=1) + "\n"})
 
     @classmethod
     def load(cls, path: str | Path) -> BPETokenizer:
         """Read a file written by `save`, or a tokenizer.json that HF saved for the configuration above."""
-        try:
-            config = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path} is not a tokenizer file: it is not valid UTF-8 JSON ({err}); expected a "
-                             "tokenizer.json written by BPETokenizer.save or HF tokenizers") from None
+        config = read_json(path, "BPETokenizer.load", "a tokenizer.json written by BPETokenizer.save or HF tokenizers")
         try:
             vocab, merges, special_tokens = _from_hf_json(config)
             return cls(vocab, merges, special_tokens)
@@ -367,12 +368,18 @@ def _from_hf_json(config) -> tuple[dict, list, list]:
                          f"got {pre!r}")
     if config.get("normalizer") is not None:
         raise ValueError(f"a normalizer is not supported (expected null), got {config['normalizer']!r}")
-    for option in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):
-        if model.get(option) is not None:
-            raise ValueError(f"BPE option {option} is not supported (expected null), got {model[option]!r}")
+    if model.get("dropout") is not None:
+        raise ValueError(f"BPE option dropout is not supported (expected null), got {model['dropout']!r}")
+    # An empty prefix or suffix changes nothing, and HF reads "" as null: transformers' GPT2Tokenizer writes "".
+    for option in ("continuing_subword_prefix", "end_of_word_suffix"):
+        if model.get(option) not in (None, ""):
+            raise ValueError(f"BPE option {option} is not supported (expected null or \"\"), got {model[option]!r}")
     vocab, merges = model.get("vocab"), model.get("merges")
     if not isinstance(vocab, dict) or not isinstance(merges, list):
         raise ValueError("model must have 'vocab' (an object token -> id) and 'merges' (a list)")
+    not_int = next(((token, i) for token, i in vocab.items() if not isinstance(i, int) or isinstance(i, bool)), None)
+    if not_int:
+        raise ValueError(f"vocab ids must be integers, got {not_int[0]!r}: {not_int[1]!r}")
     # Older HF files store a merge as one string "left right"; newer ones as a pair [left, right].
     merges = [tuple(m.split(" ")) if isinstance(m, str) else m for m in merges]
     special_tokens = []

@@ -17,10 +17,12 @@ import json
 import re
 from pathlib import Path
 
+import safetensors.torch
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from minillm.files import read_json_object, write_files_atomically
 from minillm.models import GPT, Bert
 from minillm.peft.lora import (add_lora, available_targets, in_out_features, is_conv1d, linear_layers, lora_layers,
                                matches_target)
@@ -28,6 +30,8 @@ from minillm.peft.lora import (add_lora, available_targets, in_out_features, is_
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the HF model
+# What load_adapter cannot do without: the layers to wrap, the rank and the scale alpha / r.
+REQUIRED = ("target_modules", "r", "lora_alpha")
 # Options of PEFT's LoraConfig that change what the adapter computes and that minillm does not implement.
 # Each must be absent or off (None, False, {}, [] or "none") for load_adapter to accept a file.
 UNSUPPORTED = ("use_dora", "lora_bias", "bias", "rank_pattern", "alpha_pattern", "modules_to_save",
@@ -82,12 +86,13 @@ def save_adapter(model: nn.Module, directory) -> None:
     }
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tensors = {}
     for name, layer in layers.items():
         tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().cpu().contiguous()  # (r, in)
         tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().cpu().contiguous()  # (out, r)
-    save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
+    # Both files at once, config last (minillm.files): a save that fails halfway leaves the old adapter whole.
+    write_files_atomically({directory / WEIGHTS_NAME: safetensors.torch.save(tensors, metadata={"format": "pt"}),
+                            directory / CONFIG_NAME: json.dumps(config, indent=2, sort_keys=True) + "\n"})
 
 
 def _read(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -96,7 +101,8 @@ def _read(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         if not (directory / name).is_file():
             raise FileNotFoundError(f"load_adapter: {directory} has no {name}; an adapter directory holds "
                                     f"{CONFIG_NAME} and {WEIGHTS_NAME} (save_adapter or PEFT's save_pretrained)")
-    config = json.loads((directory / CONFIG_NAME).read_text())
+    config = read_json_object(directory / CONFIG_NAME, "load_adapter", "the adapter_config.json that PEFT or "
+                              "save_adapter writes")
     if config.get("peft_type") != "LORA":
         raise ValueError(f"load_adapter: {directory} holds a {config.get('peft_type')!r} adapter; load_adapter "
                          "reads LoRA adapters only (prefix and prompt tuning live in minillm.peft.prefix / .prompt)")
@@ -104,6 +110,14 @@ def _read(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         if config.get(key) not in (None, False, {}, [], "none"):
             raise ValueError(f"load_adapter: {directory} sets {key}={config[key]!r}, a PEFT option minillm's LoRA "
                              "does not implement; only plain LoRA (with or without rsLoRA) can be loaded")
+    absent = [key for key in REQUIRED if key not in config]
+    if absent:
+        raise ValueError(f"load_adapter: {directory / CONFIG_NAME} lacks {absent}; a LoRA adapter_config.json "
+                         f"names {list(REQUIRED)} (PEFT's save_pretrained and save_adapter write them)")
+    targets = config["target_modules"]
+    if not isinstance(targets, str) and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise ValueError(f"load_adapter: target_modules in {directory / CONFIG_NAME} must be a list of layer names "
+                         f"or one regular expression (a string), got {targets!r}")
     weights = {}
     for key, tensor in load_file(directory / WEIGHTS_NAME).items():
         if not key.startswith(PREFIX):
@@ -122,6 +136,10 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
     target layers must exist in `model`, and its weights must cover exactly those layers, with shapes
     (r, in_features) and (out_features, r); otherwise the ValueError names what differs (an adapter for
     another architecture, another size or another number of layers). Chapter 09 teaches this.
+
+    A string `target_modules` is a regular expression run with `re.fullmatch`, as in PEFT; one with nested
+    quantifiers such as "(a+)+$" can take exponential time on a long layer name. PEFT hangs on it the same
+    way, so we do not guard against it: load adapters from sources you trust to be well-formed.
     """
     directory = Path(directory)
     if lora_layers(model):

@@ -65,6 +65,7 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor | None = None,
     about 0.15% of normal data it is one or two entries off. We copy the grid to match it bit for bit.
     """
     _check_float_tensor("quantize_blockwise", x)
+    _check_finite("quantize_blockwise", x)
     _check_blocksize("quantize_blockwise", blocksize)
     code = create_dynamic_map() if code is None else _check_code("quantize_blockwise", code)
 
@@ -142,6 +143,17 @@ def _check_float_tensor(where: str, x) -> None:
         raise TypeError(f"{where}: dtype must be one of {FLOAT_DTYPES}, got {x.dtype}")
     if x.numel() == 0:
         raise ValueError(f"{where}: got an empty tensor of shape {tuple(x.shape)}; there is nothing to quantize")
+
+
+def _check_finite(where: str, x: torch.Tensor) -> None:
+    """A NaN or inf has no code: it would turn a whole block's absmax, or the grid index, into garbage.
+    bitsandbytes 0.50 raises nothing and documents nothing for it (on CPU a NaN gets code 0 and comes back as
+    code[0] * absmax, about -absmax; an inf makes its block's absmax inf), so we stop with a clear error."""
+    bad = ~torch.isfinite(x.reshape(-1))  # (n,)
+    if bad.any():
+        first = int(bad.nonzero()[0])
+        raise ValueError(f"{where}: x holds {int(bad.sum())} NaN or infinite value(s), the first at flat index "
+                         f"{first} ({x.reshape(-1)[first].item()}); only finite values can be quantized")
 
 
 def _check_blocksize(where: str, blocksize, allowed: tuple[int, ...] = BLOCKSIZES) -> None:

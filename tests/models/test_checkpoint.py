@@ -94,7 +94,7 @@ def test_corrupt_or_foreign_config(tmp_path):
     config_path = tmp_path / "config.json"
     config = json.loads(config_path.read_text())
     config_path.write_text("{not json")
-    with pytest.raises(ValueError, match="not valid JSON"):
+    with pytest.raises(ValueError, match="not valid UTF-8 JSON"):
         from_pretrained(tmp_path)
     config_path.write_text(json.dumps({**config, "n_embd": 15}))  # an HF GPT2Config key
     with pytest.raises(ValueError, match="has key 'n_embd', which GPTConfig does not have"):
@@ -110,7 +110,7 @@ def test_corrupt_or_foreign_config(tmp_path):
 def test_corrupt_weights(tmp_path):
     MODELS["gpt"]().save_pretrained(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage!")
-    with pytest.raises(ValueError, match="do not fit the model"):
+    with pytest.raises(ValueError, match="is damaged or not a safetensors file"):
         from_pretrained(tmp_path)
 
 
