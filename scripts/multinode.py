@@ -14,7 +14,16 @@ WORLD_SIZE, MASTER_ADDR and MASTER_PORT for its workers and starts them. (Elasti
 `--rdzv-backend=c10d --rdzv-endpoint=HOST:PORT --rdzv-id=JOB` without --node-rank, where the rendezvous numbers
 the nodes as they arrive.) Every worker here takes one data-parallel training step of a small minillm GPT
 (chapter 16's `data_parallel_step`) on its shard of a global batch, and rank 0 checks the result against one
-process stepping on the whole batch. Chapter 16 runs this script.
+process stepping on the whole batch; the ranks exchange plain tensors, never pickles. Chapter 16 runs this script.
+
+Everything stays on this machine. torchrun has no option for where its rendezvous store listens: node 0's
+static rendezvous (torch/distributed/elastic/rendezvous/static_tcp_rendezvous.py) creates
+`TCPStore(master_addr, master_port, is_master=True)`, which listens on every interface (`::`) whatever
+--master-addr says, and the c10d backend does the same. That store is multi-tenant, though: a master store
+already serving the port in the same process is reused. So each node here runs torchrun's own entry point
+(`torch.distributed.run.main`) inside this script, and node 0 first opens the store itself on 127.0.0.1
+(`minillm.distributed.launch.loopback_store`). gloo's connections use the loopback interface
+(GLOO_SOCKET_IFNAME). With the plain `torchrun` command, the store would accept connections from anywhere.
 """
 
 import argparse
@@ -30,11 +39,25 @@ ROOT = Path(__file__).resolve().parents[1]
 NODES = 2
 
 
-def node_command(node_rank: int, port: int) -> list[str]:
-    """The command node `node_rank` runs (torchrun from this Python's environment)."""
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
-    return [torchrun, f"--nnodes={NODES}", "--nproc-per-node=1", f"--node-rank={node_rank}",
-            "--master-addr=127.0.0.1", f"--master-port={port}", str(Path(__file__).resolve()), "--worker"]
+def torchrun_args(node_rank: int, port: int) -> list[str]:
+    """torchrun's arguments for node `node_rank`: what `torchrun ...` would be given on a real cluster."""
+    return [f"--nnodes={NODES}", "--nproc-per-node=1", f"--node-rank={node_rank}", "--master-addr=127.0.0.1",
+            f"--master-port={port}", str(Path(__file__).resolve()), "--worker"]
+
+
+def run_torchrun_on_loopback(node_rank: int, port: int, timeout: float) -> None:
+    """Be node `node_rank`: torchrun in this process; node 0 first opens the rendezvous store on 127.0.0.1.
+
+    torchrun's store for node 0 is multi-tenant: finding ours on its port in this process, it uses ours
+    instead of opening one on every interface (see the module docstring).
+    """
+    from torch.distributed.run import main as torchrun
+
+    from minillm.distributed.launch import loopback_store
+
+    store = loopback_store(timeout, port, multi_tenant=True) if node_rank == 0 else None
+    torchrun(torchrun_args(node_rank, port))
+    del store  # held until torchrun is done with it
 
 
 def free_port() -> int:
@@ -62,10 +85,11 @@ def run_nodes(timeout: float) -> int:
     """Start both nodes, wait for both, print the commands and what the workers printed."""
     port = free_port()
     env = dict(os.environ, GLOO_SOCKET_IFNAME=_loopback(), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    commands = [node_command(node_rank, port) for node_rank in range(NODES)]
-    for node_rank, command in enumerate(commands):
-        print(f"node {node_rank} runs:  " + " ".join(Path(part).name if part.startswith("/") else part
-                                                    for part in command))
+    commands = [[sys.executable, str(Path(__file__).resolve()), f"--node-rank={node_rank}", f"--port={port}",
+                 f"--timeout={timeout}"] for node_rank in range(NODES)]
+    for node_rank in range(NODES):
+        print(f"node {node_rank} runs:  torchrun " + " ".join(Path(part).name if part.startswith("/") else part
+                                                             for part in torchrun_args(node_rank, port)), flush=True)
     nodes = [subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, start_new_session=True) for command in commands]
     deadline = time.monotonic() + timeout
@@ -113,8 +137,10 @@ def worker() -> None:
     broadcast_parameters(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     loss = data_parallel_step(model, optimizer, lm_loss, inputs, targets, bucket_numel=10_000)
-    places = [None] * world_size
-    dist.all_gather_object(places, (int(os.environ["GROUP_RANK"]), round(loss, 4)))
+    mine = torch.tensor([float(os.environ["GROUP_RANK"]), loss], dtype=torch.float64)  # (node, loss)
+    gathered = [torch.empty(2, dtype=torch.float64) for _ in range(world_size)]
+    dist.all_gather(gathered, mine)  # tensors, not all_gather_object: nothing is unpickled
+    places = [(int(node), loss) for node, loss in (t.tolist() for t in gathered)]
     agree = replicas_agree(model)
     if rank == 0:
         reference = make_model(config, seed=0)
@@ -134,10 +160,15 @@ def worker() -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", action="store_true", help="run as a rank (torchrun passes this)")
+    parser.add_argument("--node-rank", type=int, help="run as this node: torchrun in this process")
+    parser.add_argument("--port", type=int, help="the rendezvous port (with --node-rank)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds before both nodes are stopped")
     args = parser.parse_args()
     if args.worker:
         worker()
+        return 0
+    if args.node_rank is not None:
+        run_torchrun_on_loopback(args.node_rank, args.port, args.timeout)
         return 0
     return run_nodes(args.timeout)
 

@@ -7,8 +7,11 @@ come from torch run in the test: dist.all_reduce beside the ring, one process on
 parallelism, DDP and ZeroRedundancyOptimizer beside ours, the undispatched model beside accelerate's.
 """
 
+import importlib
 import math
 import multiprocessing
+import re
+import socket
 import subprocess
 import sys
 import time
@@ -24,6 +27,7 @@ from minillm.distributed.pictures import ring_contributions
 from minillm.models import GPTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+launch_module = importlib.import_module("minillm.distributed.launch")  # the module; the package exports the function
 RUN = dict(timeout=60.0, collective_timeout=20.0)
 
 
@@ -31,6 +35,46 @@ RUN = dict(timeout=60.0, collective_timeout=20.0)
 def no_leftover_processes():
     yield
     assert multiprocessing.active_children() == [], "launch left rank processes running; _stop must reap them"
+
+
+# --- the rendezvous listens on loopback only -----------------------------------------------------------
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The addresses this machine's TCP sockets on `port` listen on, read from the kernel's own tables."""
+    if not Path("/proc/net/tcp").exists():
+        pytest.skip("reads listening sockets from /proc/net/tcp{,6} (Linux)")
+    addresses = set()
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        if not Path(table).exists():
+            continue
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, local_port = local.split(":")
+            if int(local_port, 16) == port and state == "0A":  # 0A: LISTEN
+                raw = bytes.fromhex(address)  # 32-bit words in host (little-endian) order
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                addresses.add(socket.inet_ntop(family, raw))
+    return addresses
+
+
+def test_launch_store_listens_on_loopback_only(monkeypatch):
+    store = launch_module.loopback_store(timeout=5.0)
+    assert listening_addresses(store.port) == {"127.0.0.1"}, \
+        "the store must listen on 127.0.0.1 only, not on every interface ('::' or '0.0.0.0')"
+    # The listener is the store's: a client on loopback gets in, and the port closes with the store.
+    client = torch.distributed.TCPStore("127.0.0.1", store.port, is_master=False)
+    client.set("key", "value")
+    assert store.get("key") == b"value"
+    port = store.port
+    del client, store
+    assert listening_addresses(port) == set(), "deleting the store must close its port"
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("launch built its store here")
+    monkeypatch.setattr(launch_module, "loopback_store", refuse)
+    with pytest.raises(RuntimeError, match="launch built its store here"):
+        launch(workers.collectives_demo, 2, **RUN)  # stops before any process starts
 
 
 # --- launch: results, errors, timeouts --------------------------------------------------------------
@@ -249,16 +293,26 @@ def test_make_buckets_and_shard_errors():
 # --- device maps with accelerate --------------------------------------------------------------------
 
 
-def test_device_map_with_disk_offload_matches_the_in_memory_model(tmp_path):
+def test_device_map_with_disk_offload_matches_the_in_memory_model(tmp_path, monkeypatch):
     from accelerate.utils import compute_module_sizes
 
     from minillm.distributed.device_map import place_on_budget
     from minillm.pretrained import load_pretrained
 
+    # Bit for bit only if both runs multiply the same layouts: an offloaded weight comes back row-major, so the
+    # in-memory model gets that layout too (the shipped one keeps GPT-2's transposed layout). The layouts each
+    # run's F.linear sees are recorded and compared below.
+    layouts = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear",
+                        lambda x, w, b=None: layouts.append((x.stride(), w.shape, w.stride())) or linear(x, w, b))
     model, _ = load_pretrained()
+    for param in model.parameters():
+        param.data = param.data.contiguous()
     ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = model(ids)
+    in_memory_layouts, layouts[:] = layouts[:], []
     sizes = compute_module_sizes(model)
     budget = sizes["transformer.wte"] + sizes["transformer.wpe"] + 3 * sizes["transformer.h.0"]
     device_map = place_on_budget(model, {"cpu": budget, "disk": "1GB"}, tmp_path)
@@ -267,6 +321,7 @@ def test_device_map_with_disk_offload_matches_the_in_memory_model(tmp_path):
     assert any(tmp_path.glob("*.dat")), "disk-offloaded weights are files in offload_dir"
     with torch.no_grad():
         assert torch.equal(model(ids), expected), "offloading moves weights, it must not change a single output bit"
+    assert layouts and layouts == in_memory_layouts, "the offloaded run multiplied other layouts than the in-memory one"
     with pytest.raises(TypeError, match="needs a minillm model with .blocks"):
         place_on_budget(torch.nn.Linear(2, 2), {"cpu": "1GB"}, tmp_path)
 
@@ -274,11 +329,23 @@ def test_device_map_with_disk_offload_matches_the_in_memory_model(tmp_path):
 # --- two torchrun nodes -------------------------------------------------------------------------------
 
 
-def test_multinode_script_runs_two_torchrun_nodes():
-    done = subprocess.run([sys.executable, "scripts/multinode.py", "--timeout", "100"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=110)
-    assert done.returncode == 0, f"stdout:\n{done.stdout[-2000:]}\nstderr:\n{done.stderr[-3000:]}"
-    lines = done.stdout.splitlines()
+def test_multinode_script_runs_two_torchrun_nodes(tmp_path):
+    out, err = tmp_path / "stdout", tmp_path / "stderr"
+    with out.open("w") as stdout, err.open("w") as stderr:
+        run = subprocess.Popen([sys.executable, "scripts/multinode.py", "--timeout", "100"], cwd=ROOT, text=True,
+                               stdout=stdout, stderr=stderr)
+    seen, deadline = set(), time.monotonic() + 110  # the script stops its nodes after 100 s
+    while run.poll() is None and time.monotonic() < deadline:  # torchrun's rendezvous store, while it is up
+        port = re.search(r"--master-port=(\d+)", out.read_text())  # printed before the nodes start
+        seen |= listening_addresses(int(port[1])) if port else set()
+        time.sleep(0.05)
+    if run.poll() is None:
+        run.kill()
+    run.wait()
+    stdout, stderr = out.read_text(), err.read_text()
+    assert run.returncode == 0, f"stdout:\n{stdout[-2000:]}\nstderr:\n{stderr[-3000:]}"
+    assert seen == {"127.0.0.1"}, f"the rendezvous store listened on {seen or 'nothing we saw'}; 127.0.0.1 only"
+    lines = stdout.splitlines()
     assert "--nnodes=2" in lines[1] and "--node-rank=1" in lines[1] and "--master-addr=127.0.0.1" in lines[1], lines
-    assert "world size 2: rank 0 on node" in done.stdout and "replicas agree after the step: True" in done.stdout
-    assert "equals one process on the whole batch: max|Δ| < 1e-6 ✓" in done.stdout, done.stdout
+    assert "world size 2: rank 0 on node" in stdout and "replicas agree after the step: True" in stdout
+    assert "equals one process on the whole batch: max|Δ| < 1e-6 ✓" in stdout, stdout

@@ -12,7 +12,8 @@ afterwards. Layers on different GPUs run one after another, not at the same time
 parallelism (pipeline parallelism would keep every GPU busy on different micro-batches).
 
 On a machine without GPUs the map uses "cpu" and "disk" only; the computation is the same, so outputs equal the
-in-memory model's bit for bit.
+in-memory model's bit for bit, provided the in-memory weights have the layout an offloaded one comes back in
+(row-major): a matmul on a transposed weight may run another kernel and add in another order.
 """
 
 import torch

@@ -9,6 +9,7 @@ notebook can use safely:
   threads instead: minillm.distributed.threads.)
 - The parent owns the rendezvous: a `TCPStore` on a port the operating system picks, held until the run ends,
   so two runs never race for the same port. Ranks join it as clients and build the process group from it.
+  The store accepts connections from this machine only (`loopback_store`).
 - Every collective has a timeout (`collective_timeout`): a rank waiting for a partner that never comes raises
   instead of hanging. The whole run has one too (`timeout`).
 - A rank's exception comes back to the parent with its traceback and is raised there as `WorkerError`; the
@@ -65,6 +66,29 @@ def loopback_interface() -> str:
     raise RuntimeError(f"no loopback network interface found among {names}")
 
 
+def loopback_store(timeout: float, port: int = 0, multi_tenant: bool = False) -> dist.TCPStore:
+    """A master `TCPStore` that listens on 127.0.0.1 only; port 0 lets the operating system pick a free one.
+
+    Given a host and a port, a master TCPStore listens on every interface (`::`), whatever the host: a
+    program on another machine could connect and set keys. So we bind a socket to 127.0.0.1 ourselves and
+    hand the store its file descriptor (`master_listen_fd`); the store takes it over and closes it with
+    itself. `multi_tenant=True` lets a later master store on the same port in this process share this one
+    (scripts/multinode.py uses that to put torchrun's rendezvous on loopback).
+    """
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.bind((HOST, port))
+        listener.listen()
+        store = dist.TCPStore(HOST, listener.getsockname()[1], is_master=True, wait_for_workers=False,
+                              timeout=datetime.timedelta(seconds=timeout), multi_tenant=multi_tenant,
+                              master_listen_fd=listener.fileno())
+    except BaseException:
+        listener.close()
+        raise
+    listener.detach()  # the store owns the descriptor now
+    return store
+
+
 def launch(fn, world_size: int = 2, args: tuple = (), *, timeout: float = 60.0,
            collective_timeout: float = 20.0) -> list:
     """Run `fn(*args)` on ranks 0..world_size-1, each a new process in one gloo process group; return
@@ -81,9 +105,7 @@ def launch(fn, world_size: int = 2, args: tuple = (), *, timeout: float = 60.0,
         raise ValueError(f"launch: timeouts must be positive seconds, got timeout={timeout!r}, "
                          f"collective_timeout={collective_timeout!r}")
     ctx = mp.get_context("spawn")
-    # Port 0: the operating system picks a free port and the store holds it for the whole run.
-    store = dist.TCPStore(HOST, 0, is_master=True, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=timeout))
+    store = loopback_store(timeout)  # a free port, held for the whole run; 127.0.0.1 only
     reports = ctx.Queue()
     processes = [ctx.Process(target=_run_rank, daemon=True, name=f"minillm-rank-{rank}",
                              args=(fn, args, rank, world_size, store.port, timeout, collective_timeout, reports))

@@ -225,9 +225,15 @@ def bert_to_hf(model: Bert, attn_implementation: str = "eager") -> BertModel:
 
 # --------------------------------------------------------------------------------------------- shared
 def _load(target: nn.Module, state: dict[str, torch.Tensor], source: nn.Module) -> nn.Module:
-    """Copy `state` into `target` (every key must match) and give it `source`'s dtype and train/eval mode."""
+    """Copy `state` into `target` (every key must match) and give it `source`'s dtype and train/eval mode.
+
+    Only the parameters take the dtype, as in `from_pretrained(..., dtype=...)`: buffers a model computes for
+    itself keep the dtype it gave them. `target.to(dtype)` would round HF Llama's rotary `inv_freq` (fp32 by
+    design) to bf16, 0.1 to 0.10009765625, and turn every angle position * inv_freq with it.
+    """
     dtype = next(source.parameters()).dtype
-    target = target.to(dtype)
+    for param in target.parameters():  # tied weights are one Parameter: cast once, still tied
+        param.data = param.data.to(dtype)
     adapters = [key for key in state if ".lora_" in key]
     if adapters:  # chapter 09's LoRALinear wraps the layer, so the HF names no longer match
         raise ValueError(f"{type(source).__name__} carries LoRA adapters (e.g. {adapters[0]!r}): convert before "
