@@ -51,7 +51,7 @@ class Optimizer8bit(torch.optim.Optimizer):
 
     Chapter 15 teaches this. A subclass sets `signed_states` (one bool per state: which dynamic map it uses)
     and implements `_update(p, grad, states, step, group, quantized)`, which changes the fp32 tensors `p` and
-    `states` in place.
+    `states` in place (`Lion8bit`), or replaces `_step_one` whole (`Adam8bit`, which calls `adam8bit_step`).
 
     Per parameter, `optimizer.state[p]` holds, under bitsandbytes' names:
     - `"step"`: the number of steps taken (an int);
@@ -87,18 +87,33 @@ class Optimizer8bit(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_gradients()
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise TypeError(f"{type(self).__name__} does not support sparse gradients")
                 state = self.state[p]
                 if not state:
                     self._init_state(p, state)
                 state["step"] += 1
                 self._step_one(p, state, group)
         return loss
+
+    def _check_gradients(self) -> None:
+        """Before any parameter changes: every gradient dense and finite. A NaN or inf cannot be stored in an
+        8-bit state (quantize_blockwise refuses it); bitsandbytes takes it without a word and leaves a NaN
+        weight, so we stop and say where it is (skip such steps, as torch.amp.GradScaler does)."""
+        params = [p for group in self.param_groups for p in group["params"]]  # i: the order they were given in
+        for i, p in enumerate(params):
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise TypeError(f"{type(self).__name__} does not support sparse gradients")
+            if not torch.isfinite(p.grad).all():
+                bad = int((~torch.isfinite(p.grad)).sum())
+                raise ValueError(f"{type(self).__name__}.step: the gradient of parameter {i} (shape "
+                                 f"{tuple(p.shape)}) holds {bad} NaN or infinite value(s); no parameter was "
+                                 "updated. Find where the loss overflowed, or skip this step")
 
     def _init_state(self, p: torch.Tensor, state: dict) -> None:
         if p.dtype not in FLOAT_DTYPES:
@@ -116,19 +131,12 @@ class Optimizer8bit(torch.optim.Optimizer):
         grad = p.grad.float()  # (same shape as p)  the update is computed in fp32 whatever p's dtype
         p32 = p.float()  # p itself when p is fp32, else an fp32 copy written back below
         quantized = "absmax1" in state
-        if not quantized:
-            states = [state[f"state{i}"] for i, _ in enumerate(self.signed_states, start=1)]
-            self._update(p32, grad, states, state["step"], group, quantized=False)
-            p.copy_(p32)  # rounds once to p's dtype
-            return
-        states = [dequantize_blockwise(state[f"state{i}"], state[f"absmax{i}"], dynamic_map(signed), BLOCKSIZE)
-                  for i, signed in enumerate(self.signed_states, start=1)]
-        self._update(p32, grad, states, state["step"], group, quantized=True)
-        p.copy_(p32)
-        for i, (signed, values) in enumerate(zip(self.signed_states, states), start=1):
-            codes, absmax = quantize_blockwise(values, dynamic_map(signed), BLOCKSIZE)
-            state[f"state{i}"].copy_(codes)
-            state[f"absmax{i}"].copy_(absmax)
+        states = (_dequantize_states(state, self.signed_states) if quantized
+                  else [state[f"state{i}"] for i, _ in enumerate(self.signed_states, start=1)])
+        self._update(p32, grad, states, state["step"], group, quantized)
+        p.copy_(p32)  # rounds once to p's dtype
+        if quantized:
+            _requantize_states(state, self.signed_states, states)
 
     def _update(self, p, grad, states, step, group, quantized):
         raise NotImplementedError
@@ -147,6 +155,53 @@ class Optimizer8bit(torch.optim.Optimizer):
             for key, value in state_dict["state"].get(saved_id, {}).items():
                 if isinstance(value, torch.Tensor):
                     self.state[p][key] = value.to(p.device, copy=True)
+
+
+def adam8bit_step(p: torch.Tensor, grad: torch.Tensor, state: dict, lr: float, betas: tuple[float, float],
+                  eps: float, weight_decay: float) -> None:
+    """One Adam step of one parameter, as bitsandbytes' CPU kernels do it: changes `p` and `state` in place.
+
+    Chapter 15 teaches this (build exercise 15.1); `Adam8bit` and `AdamW8bit` call it for every parameter.
+    `state` holds bitsandbytes' names: `"step"` (this step's number, counted from 1 by the caller), m and v
+    as `"state1"`/`"state2"`, and, for 8-bit states, their block absmax as `"absmax1"`/`"absmax2"`.
+
+    8-bit states: dequantize m (signed map) and v (unsigned map), update in fp32, requantize with a fresh
+    absmax per block. fp32 states (tensors under `min_8bit_size`): update them where they are. Both compute
+    p -= lr * (m / c1) / (sqrt(v) / c2 + eps), with c1 = 1 - beta1**step and c2 = sqrt(1 - beta2**step), but
+    bitsandbytes' two kernels arrange it differently; we copy each arrangement to round exactly as it does.
+    """
+    beta1, beta2 = betas
+    step = state["step"]
+    quantized = "absmax1" in state
+    m, v = _dequantize_states(state, Adam8bit.signed_states) if quantized else (state["state1"], state["state2"])
+    g = grad.float()  # (same shape as p)  the update is computed in fp32 whatever p's dtype
+    p32 = p.float()  # p itself when p is fp32, else an fp32 copy written back below
+    m.mul_(beta1).add_(g, alpha=1.0 - beta1)  # running mean of the gradient
+    v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)  # running mean of its square
+    bias1 = 1.0 - beta1**step  # m and v start at 0, so early averages are too small by these factors
+    bias2 = math.sqrt(1.0 - beta2**step)
+    _decay(p32, lr, weight_decay)
+    if quantized:
+        p32.addcdiv_(m, (v.sqrt() / bias2).add_(eps), value=-lr / bias1)
+    else:
+        p32.add_(m / (v.sqrt() + eps * bias2), alpha=-lr * bias2 / bias1)
+    p.copy_(p32)  # rounds once to p's dtype
+    if quantized:
+        _requantize_states(state, Adam8bit.signed_states, (m, v))
+
+
+def _dequantize_states(state: dict, signed_states: tuple[bool, ...]) -> list[torch.Tensor]:
+    """A parameter's 8-bit states `state1`, `state2`, ... as fp32 tensors shaped like it."""
+    return [dequantize_blockwise(state[f"state{i}"], state[f"absmax{i}"], dynamic_map(signed), BLOCKSIZE)
+            for i, signed in enumerate(signed_states, start=1)]
+
+
+def _requantize_states(state: dict, signed_states: tuple[bool, ...], values) -> None:
+    """Store fp32 `values` back into the 8-bit states, in place, with a fresh absmax per 256-element block."""
+    for i, (signed, value) in enumerate(zip(signed_states, values), start=1):
+        codes, absmax = quantize_blockwise(value, dynamic_map(signed), BLOCKSIZE)
+        state[f"state{i}"].copy_(codes)
+        state[f"absmax{i}"].copy_(absmax)
 
 
 def _decay(p: torch.Tensor, lr: float, weight_decay: float) -> None:
@@ -170,21 +225,9 @@ class Adam8bit(Optimizer8bit):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults, min_8bit_size)
 
-    def _update(self, p, grad, states, step, group, quantized):
-        m, v = states
-        beta1, beta2 = group["betas"]
-        lr, eps = group["lr"], group["eps"]
-        m.mul_(beta1).add_(grad, alpha=1.0 - beta1)  # running mean of the gradient
-        v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)  # running mean of its square
-        bias1 = 1.0 - beta1**step  # m and v start at 0, so early averages are too small by these factors
-        bias2 = math.sqrt(1.0 - beta2**step)
-        _decay(p, lr, group["weight_decay"])
-        # Both lines are p -= lr * (m / bias1) / (sqrt(v) / bias2 + eps); bitsandbytes' two kernels arrange
-        # the bias corrections differently, and we copy each arrangement to round exactly as it does.
-        if quantized:
-            p.addcdiv_(m, (v.sqrt() / bias2).add_(eps), value=-lr / bias1)
-        else:
-            p.add_(m / (v.sqrt() + eps * bias2), alpha=-lr * bias2 / bias1)
+    def _step_one(self, p, state, group):
+        # Looked up in the module at call time: chapter 15's `use(adam8bit_step=...)` swaps the learner's in.
+        adam8bit_step(p, p.grad, state, group["lr"], group["betas"], group["eps"], group["weight_decay"])
 
 
 class AdamW8bit(Adam8bit):
@@ -242,4 +285,5 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    """An int or float, and not NaN (which every `x < 0` check would let through)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)
