@@ -27,10 +27,19 @@ def _log_softmax(x: np.ndarray, axis: int) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
 
 
+def stable_softmax(x: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis of a numpy array, like `torch.softmax(x, dim=-1)`, finite for huge scores.
+
+    Chapter 00's build exercise 0.1: `softmax` below calls it (looked up at call time), so the learner's
+    version runs inside the engine's attention.
+    """
+    e = np.exp(x - x.max(axis=-1, keepdims=True))  # every exponent <= 0: nothing overflows
+    return e / e.sum(axis=-1, keepdims=True)
+
+
 def softmax(x: Tensor, dim: int = -1) -> Tensor:
     (axis,) = _dims(dim, x.ndim, "softmax")
-    e = np.exp(x.data - x.data.max(axis=axis, keepdims=True))
-    out = e / e.sum(axis=axis, keepdims=True)
+    out = np.moveaxis(stable_softmax(np.moveaxis(x.data, axis, -1)), -1, axis)  # softmax along `axis`
 
     def backward(g):  # the Jacobian diag(s) - s sᵀ applied to g
         return (out * (g - (g * out).sum(axis=axis, keepdims=True)),)

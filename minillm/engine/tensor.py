@@ -102,7 +102,11 @@ class Tensor:
         elif isinstance(data, (np.ndarray, np.generic)):
             data = np.asarray(data)
         else:
-            data = np.asarray(data)
+            array = np.asarray(data)
+            if array.dtype.kind in "OUS":  # None, a string, a dict...: numpy wraps it as an object, not a number
+                raise TypeError(f"Tensor: data must be a number, a nested list of numbers, a numpy array or a "
+                                f"Tensor, got {type(data).__name__} {data!r:.60}")
+            data = array
             if data.dtype == np.float64:  # Python floats become torch's default dtype
                 data = data.astype(np.float32)
         if data.dtype not in ALLOWED_DTYPES:
@@ -360,7 +364,9 @@ class Tensor:
 
     def transpose(self, dim0: int, dim1: int):
         d0, d1 = _dims((dim0, dim1), self.ndim, "transpose")
-        out = np.swapaxes(self.data, d0, d1)
+        axes = list(range(self.ndim))
+        axes[d0], axes[d1] = d1, d0  # a transpose is the permutation that swaps two dims
+        out = _strided_view(self.data, permute_strides(self.shape, self.data.strides, tuple(axes)), "transpose")
         return Tensor._op(out, (self,), lambda g: (np.swapaxes(g, d0, d1),), "transpose")
 
     def permute(self, *dims):
@@ -368,7 +374,7 @@ class Tensor:
         axes = _dims(dims, self.ndim, "permute")
         if sorted(axes) != list(range(self.ndim)):
             raise ValueError(f"permute: dims {dims} are not a permutation of the {self.ndim} dims of {self.shape}")
-        out = np.transpose(self.data, axes)
+        out = _strided_view(self.data, permute_strides(self.shape, self.data.strides, axes), "permute")
         return Tensor._op(out, (self,), lambda g: (np.transpose(g, np.argsort(axes)),), "permute")
 
     @property
@@ -391,12 +397,11 @@ class Tensor:
     def expand(self, *sizes):
         """A broadcast view (-1 keeps a size); backward's `_unbroadcast` sums the copies back."""
         sizes = _sizes(sizes)
-        lead = len(sizes) - self.ndim
-        shape = tuple(self.shape[i - lead] if n == -1 else n for i, n in enumerate(sizes))
         try:
-            out = np.broadcast_to(self.data, shape)
+            layout = expand_strides(self.shape, self.data.strides, sizes)
         except ValueError:
             raise ValueError(f"expand: shape {self.shape} cannot be expanded to {sizes}") from None
+        out = _strided_view(self.data, layout, "expand", writeable=False)  # read-only, like np.broadcast_to
         return Tensor._op(out, (self,), lambda g: (g,), "expand")
 
     def __getitem__(self, key):
@@ -435,8 +440,8 @@ class Tensor:
     def backward(self, grad=None, retain_graph: bool = False) -> None:
         """Accumulate d(self)/d(leaf) into every leaf's `.grad` that requires grad, like torch.
 
-        Walks the graph once in reverse topological order, so each node's gradient is complete (summed
-        over all its uses) before its own backward runs. Frees the graph unless `retain_graph=True`.
+        Checks and seeds the output's gradient, then hands the walk to `backpropagate` (looked up at call
+        time: chapter 02's build exercise swaps in the learner's walk). Frees the graph unless `retain_graph=True`.
         """
         if not self.requires_grad:
             raise RuntimeError("backward: this tensor does not require grad and has no graph to walk")
@@ -450,39 +455,103 @@ class Tensor:
             if grad.shape != self.shape:
                 raise ValueError(f"backward: grad shape {grad.shape} does not match tensor shape {self.shape}")
 
-        # Depth-first post-order, iterative so long chains cannot hit Python's recursion limit.
-        order, seen, stack = [], set(), [(self, False)]
-        while stack:
-            node, expanded = stack.pop()
-            if expanded:
-                order.append(node)
-            elif id(node) not in seen:
-                seen.add(id(node))
-                stack.append((node, True))
-                stack.extend((p, False) for p in node._parents if p.requires_grad)
+        backpropagate(self, grad, retain_graph)
 
-        grads = {id(self): grad}
-        for node in reversed(order):
-            g = grads.pop(id(node), None)
-            if g is None:
+
+def backpropagate(root: Tensor, grad: np.ndarray, retain_graph: bool = False) -> None:
+    """Walk the graph behind `root` once in reverse topological order, adding gradients into the leaves' `.grad`.
+
+    `grad` is d(output)/d(root), already of root's shape. Each node's gradient is complete (summed over all its
+    uses) before its closure runs. Chapter 02 teaches it; the learner writes it (exercise 2.1) and the result
+    matches `torch.autograd`'s engine (also in which tensors get a `.grad`: leaves that require it, nothing else).
+    """
+    # Depth-first post-order, iterative so long chains cannot hit Python's recursion limit.
+    order, seen, stack = [], set(), [(root, False)]
+    while stack:
+        node, expanded = stack.pop()
+        if expanded:
+            order.append(node)
+        elif id(node) not in seen:
+            seen.add(id(node))
+            stack.append((node, True))
+            stack.extend((p, False) for p in node._parents if p.requires_grad)
+
+    grads = {id(root): grad}
+    for node in reversed(order):
+        g = grads.pop(id(node), None)
+        if g is None:
+            continue
+        if node.is_leaf:
+            # Copy once so .grad never aliases another tensor's gradient; accumulate in place after.
+            if node.grad is None:
+                node.grad = np.array(g, dtype=node.dtype)
+            else:
+                node.grad += g
+            continue
+        for parent, pg in zip(node._parents, node._backward(g)):
+            if pg is None or not parent.requires_grad:
                 continue
-            if node.is_leaf:
-                # Copy once so .grad never aliases another tensor's gradient; accumulate in place after.
-                if node.grad is None:
-                    node.grad = np.array(g, dtype=node.dtype)
-                else:
-                    node.grad += g
-                continue
-            for parent, pg in zip(node._parents, node._backward(g)):
-                if pg is None or not parent.requires_grad:
-                    continue
-                pg = _unbroadcast(pg, parent.shape)
-                if pg.dtype != parent.dtype:  # a float32 operand mixed with float64 gets a float32 grad
-                    pg = pg.astype(parent.dtype)
-                key = id(parent)
-                grads[key] = grads[key] + pg if key in grads else pg
-            if not retain_graph:
-                node._backward, node._parents = _freed_graph, ()
+            pg = _unbroadcast(pg, parent.shape)
+            if pg.dtype != parent.dtype:  # a float32 operand mixed with float64 gets a float32 grad
+                pg = pg.astype(parent.dtype)
+            key = id(parent)
+            grads[key] = grads[key] + pg if key in grads else pg
+        if not retain_graph:
+            node._backward, node._parents = _freed_graph, ()
+
+
+def permute_strides(shape: tuple, strides: tuple, dims: tuple) -> tuple[tuple, tuple]:
+    """The layout of `permute(dims)`: dim i of the view is dim `dims[i]` of the input, with its size and stride.
+
+    Chapter 01's build exercise 1.1; the view shares the input's memory, as torch's does (nothing moves).
+    """
+    return tuple(shape[d] for d in dims), tuple(strides[d] for d in dims)
+
+
+def expand_strides(shape: tuple, strides: tuple, sizes: tuple) -> tuple[tuple, tuple]:
+    """The layout of `expand(sizes)`, like torch: sizes align on the right, -1 keeps an existing dim's size.
+
+    A new leading dim or a size-1 dim stretched to n gets stride 0: every step re-reads the same element, so
+    broadcasting costs no memory. Any other size change raises ValueError. Chapter 01's build exercise 1.2.
+    """
+    lead = len(sizes) - len(shape)
+    if lead < 0:
+        raise ValueError(f"expand: {len(sizes)} sizes cannot cover a tensor with {len(shape)} dims")
+    out_shape, out_strides = list(sizes[:lead]), [0] * lead
+    if any(n < 0 for n in out_shape):
+        raise ValueError(f"expand: a new leading dim needs a size, got {sizes[:lead]}")
+    for old, stride, new in zip(shape, strides, sizes[lead:]):
+        if new in (-1, old):
+            out_shape.append(old)
+            out_strides.append(stride)
+        elif old == 1 and new >= 0:
+            out_shape.append(new)
+            out_strides.append(0)
+        else:
+            raise ValueError(f"expand: a dim of size {old} cannot be expanded to {new} (only size 1 stretches)")
+    return tuple(out_shape), tuple(out_strides)
+
+
+def _strided_view(data: np.ndarray, layout, op: str, writeable: bool = True) -> np.ndarray:
+    """`data`'s memory read through a (shape, strides) `layout`, after checking the view reads only `data`'s bytes.
+
+    The layout comes from `permute_strides`/`expand_strides`, which a learner may swap (chapter 01): a stride that
+    stepped outside the buffer would read whatever memory lies there, so it is refused instead.
+    """
+    shape, strides = (tuple(int(n) for n in part) for part in layout)
+    if len(shape) != len(strides):
+        raise ValueError(f"{op}: the layout has {len(shape)} sizes but {len(strides)} strides")
+
+    def extent(sizes, steps):  # lowest and highest byte offset the layout reaches from the first element
+        return (sum(min(0, (n - 1) * s) for n, s in zip(sizes, steps)),
+                sum(max(0, (n - 1) * s) for n, s in zip(sizes, steps)))
+
+    low, high = extent(shape, strides)
+    data_low, data_high = extent(data.shape, data.strides) if data.size else (0, -1)
+    if 0 not in shape and not data_low <= low <= high <= data_high:
+        raise ValueError(f"{op}: the layout shape {shape}, strides {strides} reads bytes {low}..{high}, outside the "
+                         f"tensor's own {data_low}..{data_high}")
+    return np.lib.stride_tricks.as_strided(data, shape, strides, writeable=writeable)
 
 
 def _index(key):
