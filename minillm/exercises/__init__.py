@@ -3,10 +3,11 @@
 A chapter's exercise cell holds a stub that raises `NotImplementedError`; the next cell calls a check from
 `minillm.exercises.chNN`. A check never raises: it prints one status line.
 
-    Exercise 2.1 (tanh backward): not attempted yet - replace the `raise NotImplementedError` above.
-    Exercise 2.1 (tanh backward): passed ✓
-    Exercise 2.1 (tanh backward): not yet ✗ - case 2: first mismatch at index (0, 3): expected 0.4199, got 0.5
-        hint: d tanh(x)/dx = 1 - tanh(x)**2
+    Exercise 5.1 (causal mask): not attempted yet - replace the `raise NotImplementedError` above with your code.
+    Exercise 5.1 (causal mask): passed ✓
+    Exercise 5.1 (causal mask): not yet ✗ - case 2: ...: first mismatch at index (0, 1): expected 1, got 0
+        hint: <names the idea>            (first failure)
+        more: <says more, never the code> (second failure on, or hint("5.1"))
 
 Expected answers come from a reference (usually torch) computed inside the check, never stored constants.
 
