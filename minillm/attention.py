@@ -145,21 +145,21 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None,
-                      scale: float | None = None) -> torch.Tensor:
+                      scale: float | None = None, softmax_dtype: torch.dtype | None = None) -> torch.Tensor:
     """softmax(q kᵀ · scale) over the keys a mask allows: (B, nh, T_q, T_k), each row summing to 1.
 
     A query whose keys are *all* masked (a pad position under left padding, say) has nothing to average;
     its row is all zeros, so its attention output is the zero vector and no NaN reaches the loss or the
     gradients. torch's SDPA makes the same choice (since 2.5); a plain softmax over -inf gives NaN, and
     HF eager (which adds the most negative float instead of -inf) gives a uniform average over the masked keys.
+    `softmax_dtype` is the dtype the softmax runs in (see `scaled_dot_product_attention`).
     """
     n_rep = _check_qk(q, k)
     k = repeat_kv(k, n_rep)  # (B, nh, T_k, hd)
     scale = q.size(-1) ** -0.5 if scale is None else scale
     # Without the scale, a dot product of hd unit-variance numbers has variance hd, and softmax saturates.
     scores = (q @ k.transpose(-2, -1)) * scale  # (B, nh, T_q, T_k)
-    # Half-precision scores are normalised in float32, as HF Llama/Mistral do; float64 stays float64.
-    dtype = torch.promote_types(scores.dtype, torch.float32)
+    dtype = default_softmax_dtype(scores.dtype) if softmax_dtype is None else softmax_dtype
     if mask is None:
         return torch.softmax(scores, dim=-1, dtype=dtype).to(q.dtype)
     _check_mask(mask, scores.shape)
@@ -175,7 +175,8 @@ def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | Non
 
 def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                  mask: torch.Tensor | None = None, scale: float | None = None,
-                                 dropout_p: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+                                 dropout_p: float = 0.0, generator: torch.Generator | None = None,
+                                 softmax_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Attention output softmax(q kᵀ / sqrt(hd)) v: (B, nh, T_q, hd_v).
 
     q is (B, nh, T_q, hd); k is (B, nkv, T_k, hd) and v is (B, nkv, T_k, hd_v) with nkv dividing nh (nkv < nh
@@ -183,16 +184,45 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     `scale` defaults to hd ** -0.5. Dropout, if any, drops attention weights (drawing from `generator`) and
     rescales the rest by 1 / (1 - dropout_p). Matches `torch.nn.functional.scaled_dot_product_attention`
     (`attn_mask=mask, enable_gqa=True`); chapter 05 teaches it.
+
+    `softmax_dtype` matters for half precision only: by default (None) bf16/fp16 scores are normalised in
+    float32 and the weights cast back, as HF's Llama and Mistral do; HF's GPT-2 normalises them in their own
+    dtype and so passes `softmax_dtype=q.dtype`. The logits barely notice; bf16 gradients differ by ~1e-3.
+
+    Every minillm model calls this function as `attention.scaled_dot_product_attention` (looked up at call
+    time) with the keywords of `model_keywords`: that is the seam `minillm.exercises.use(attention=...)` swaps.
     """
     _check_kv(k, v)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"scaled_dot_product_attention: dropout_p must be in [0, 1), got {dropout_p}")
-    weights = attention_weights(q, k, mask, scale)  # (B, nh, T_q, T_k)
+    weights = attention_weights(q, k, mask, scale, softmax_dtype)  # (B, nh, T_q, T_k)
     if dropout_p > 0.0:
         keep = torch.rand(weights.shape, generator=generator, device=weights.device) >= dropout_p
         weights = weights * keep / (1.0 - dropout_p)  # unbiased: the expected weights are unchanged
     v = repeat_kv(v, q.size(1) // v.size(1))  # (B, nh, T_k, hd_v)
     return weights @ v  # (B, nh, T_q, hd_v)
+
+
+def default_softmax_dtype(scores_dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision scores (HF Llama's and Mistral's choice), the scores' own dtype otherwise."""
+    return torch.promote_types(scores_dtype, torch.float32)
+
+
+def model_keywords(q: torch.Tensor, dropout_p: float = 0.0, generator: torch.Generator | None = None,
+                   softmax_dtype: torch.dtype | None = None) -> dict:
+    """The keywords a model passes to `scaled_dot_product_attention` besides (q, k, v, mask): only those that
+    change its result for these queries.
+
+    An fp32 model in eval mode passes none at all, so a plain four-argument `attention(q, k, v, mask)` (chapter
+    05's build exercise) can stand in for ours there; dropout while training, and GPT-2's softmax dtype in
+    half precision, are passed only when they are in play.
+    """
+    keywords = {}
+    if dropout_p > 0.0:
+        keywords.update(dropout_p=dropout_p, generator=generator)
+    if softmax_dtype is not None and softmax_dtype != default_softmax_dtype(q.dtype):
+        keywords["softmax_dtype"] = softmax_dtype
+    return keywords
 
 
 def _check_qk(q: torch.Tensor, k: torch.Tensor) -> int:
@@ -294,7 +324,7 @@ class GroupedQueryAttention(nn.Module):
         """(B, T, C) -> (B, T, C). `mask` as in `scaled_dot_product_attention`, e.g. `causal_mask(T)`."""
         q, k, v = self.project_qkv(x)  # (B, nh, T, hd), (B, nkv, T, hd), (B, nkv, T, hd)
         dropout_p = self.dropout if self.training else 0.0
-        y = scaled_dot_product_attention(q, k, v, mask, dropout_p=dropout_p, generator=generator)  # (B, nh, T, hd)
+        y = scaled_dot_product_attention(q, k, v, mask, **model_keywords(q, dropout_p, generator))  # (B, nh, T, hd)
         return self.project_out(y)
 
 

@@ -1,10 +1,14 @@
-"""Chapter 05's checks pass right answers, flag plausible wrong ones and wait for untouched stubs."""
+"""Chapter 05's checks pass right answers, flag plausible wrong ones and wait for untouched stubs; the build
+exercise's attention, plugged into minillm, gives transformers' logits, and the plug-in leaves nothing behind."""
 
 import math
 
+import pytest
 import torch
 
-from minillm.exercises import ch05
+from minillm import attention as package
+from minillm import exercises
+from minillm.exercises import ch05, use
 from exercise_helpers import stub, outputs
 
 
@@ -83,37 +87,122 @@ def test_repeat_kv_check(capsys):
     assert "expected shape (1, 4, 3, 4), got shape (1, 2, 3, 4)" in unchanged
 
 
-# --- 5.4 attention with a mask --------------------------------------------------------------------
+# --- 5.4 (build) multi-head attention with GQA and masks ----------------------------------------------------
+
+BUILD = "Exercise 5.4 (multi-head attention with GQA and masks)"
+CLAIM = "GPT-2 and Llama (GQA) logits with your attention equal transformers' eager logits within the rounding bound"
 
 
-def attention(q, k, v, mask):
+def widen(x, nh):
+    return x.repeat_interleave(nh // x.size(1), dim=1)  # (B, nh, T, hd)
+
+
+def attention(q, k, v, mask=None):  # written independently of HF's op order: stable softmax by hand, / sqrt(hd)
+    k, v = widen(k, q.size(1)), widen(v, q.size(1))
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
-    scores = scores.masked_fill(~mask, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True)
     exp = torch.exp(scores - torch.where(torch.isinf(row_max), 0.0, row_max))
     total = exp.sum(dim=-1, keepdim=True)
     return (exp / torch.where(total == 0, 1.0, total)) @ v
 
 
-def attention_naive_softmax(q, k, v, mask):  # exp overflows to inf for large scores: inf / inf = nan
-    exp = torch.exp((q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))) * mask
-    return (exp / exp.sum(dim=-1, keepdim=True)) @ v
+def attention_tiling_kv_heads(q, k, v, mask=None):  # kv head j serves query heads j, j + nkv, ...
+    n_rep = q.size(1) // k.size(1)
+    return attention(q, k.repeat(1, n_rep, 1, 1), v.repeat(1, n_rep, 1, 1), mask)
 
 
-def attention_nan_when_nothing_is_visible(q, k, v, mask):
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
-    return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ v
+def attention_naive_softmax(q, k, v, mask=None):  # exp overflows to inf for large scores: inf / inf = nan
+    exp = torch.exp((q @ widen(k, q.size(1)).transpose(-2, -1)) / math.sqrt(q.size(-1)))
+    exp = exp if mask is None else exp * mask
+    return (exp / exp.sum(dim=-1, keepdim=True)) @ widen(v, q.size(1))
 
 
-def test_masked_attention_check(capsys):
-    ch05.check_masked_attention(attention)
-    ch05.check_masked_attention(stub)
-    ch05.check_masked_attention(attention_naive_softmax)
-    ch05.check_masked_attention(attention_nan_when_nothing_is_visible)
-    passed, stubbed, overflow, all_masked = outputs(capsys)
-    assert passed == "Exercise 5.4 (attention with a mask): passed ✓"
-    assert "not attempted yet" in stubbed
-    assert overflow.startswith("Exercise 5.4 (attention with a mask): not yet ✗ - case 3:")
-    assert "exp overflows unless stable" in overflow and "got nan" in overflow
-    assert all_masked.startswith("Exercise 5.4 (attention with a mask): not yet ✗ - case 4:")
-    assert "some queries see no key at all" in all_masked and "got nan" in all_masked
+def attention_nan_when_nothing_is_visible(q, k, v, mask=None):
+    scores = (q @ widen(k, q.size(1)).transpose(-2, -1)) / math.sqrt(q.size(-1))
+    scores = scores if mask is None else scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ widen(v, q.size(1))
+
+
+def attention_without_scale(q, k, v, mask=None):
+    return attention(q * math.sqrt(q.size(-1)), k, v, mask)
+
+
+def attention_requiring_a_mask(q, k, v, mask):
+    return attention(q, k, v, mask.bool())
+
+
+def test_attention_check(capsys):
+    for answer in (attention, stub, attention_tiling_kv_heads, attention_naive_softmax,
+                   attention_nan_when_nothing_is_visible, attention_without_scale, attention_requiring_a_mask):
+        ch05.check_attention(answer)
+    passed, stubbed, tiled, overflow, all_masked, unscaled, no_mask = outputs(capsys)
+    assert passed == f"{BUILD}: passed ✓"
+    assert stubbed.startswith(f"{BUILD}: not attempted yet")
+    assert tiled.startswith(f"{BUILD}: not yet ✗ - case 2: 6 query heads sharing 2 kv heads, 3 queries after 4 cached "
+                            "keys, output [batch, head, query, dim]: first mismatch at index (0, 1, 0, 0)"), tiled
+    assert overflow.startswith(f"{BUILD}: not yet ✗ - case 4: scores in the hundreds") and "got nan" in overflow
+    assert all_masked.startswith(f"{BUILD}: not yet ✗ - case 5: left padding") and "got nan" in all_masked
+    assert unscaled.startswith(f"{BUILD}: not yet ✗ - case 1: multi-head (3 heads), causal, output"), unscaled
+    assert no_mask == (f"{BUILD}: not yet ✗ - case 3: your code raised AttributeError: 'NoneType' object has no "
+                       "attribute 'bool'"), no_mask
+
+
+def test_attention_hints_are_staged_and_give_no_code(capsys, monkeypatch):
+    monkeypatch.setattr(exercises, "_failures", {})  # a fresh learner: no failed run yet
+    ch05.check_attention(attention_tiling_kv_heads)
+    first = capsys.readouterr().out
+    ch05.check_attention(attention_tiling_kv_heads)
+    second = capsys.readouterr().out
+    assert "hint:" in first and "more:" not in first and "more:" in second
+    for text in (first, second):
+        assert not any(code in text for code in ("torch.", "masked_fill(", "softmax(", "@", "repeat_interleave")), text
+
+
+def test_solution_plugged_in_gives_transformers_logits(capsys):
+    with use(attention=attention):
+        assert ch05.end_to_end_attention()
+    out = capsys.readouterr().out  # another op order than HF's: within the bound (bit for bit or not, by CPU)
+    assert out.startswith(CLAIM) and out.endswith(": ✓\n"), out
+
+
+def test_package_attention_is_bit_for_bit(capsys):
+    """minillm's own attention runs HF's ops in HF's order: the verdict says so."""
+    assert ch05.end_to_end_attention()
+    assert capsys.readouterr().out.endswith("and bit for bit (your ops are HF's, in HF's order): ✓\n")
+
+
+def test_wrong_attention_plugged_in_fails_naming_where(capsys):
+    with use(attention=attention_tiling_kv_heads):
+        assert not ch05.end_to_end_attention()
+    out = capsys.readouterr().out
+    assert out.startswith(f"{CLAIM}: ✗ - Llama: Σ|Δ| over the real tokens' logits is "), out
+    assert "more than the rounding bound" in out and "the largest |Δ|" in out and "at real token" in out
+
+
+def test_stub_plugged_in_is_skipped(capsys):
+    with use(attention=stub):
+        ch05.end_to_end_attention()
+    assert capsys.readouterr().out.startswith("plug-in skipped: your attention (exercise 5.4) is not written yet")
+    assert package.scaled_dot_product_attention is ch05._MINILLM_ATTENTION
+
+
+def test_plug_in_leaves_the_package_unchanged():
+    from minillm.models import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=32, max_seq_len=16, hidden_size=16, num_layers=2, num_heads=2)).eval()
+    ids = torch.randint(0, 32, (2, 7), generator=torch.Generator().manual_seed(1))
+    before = model(ids)
+    original = package.scaled_dot_product_attention
+    with use(attention=attention):
+        assert package.scaled_dot_product_attention is attention
+        assert torch.allclose(model(ids), before, atol=1e-5), "the plugged-in attention reached the model"
+    assert package.scaled_dot_product_attention is original
+    assert torch.equal(model(ids), before)
+    with pytest.raises(ZeroDivisionError):
+        with use(attention=attention):
+            raise ZeroDivisionError
+    assert package.scaled_dot_product_attention is original
+    assert torch.equal(model(ids), before)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from minillm.attention import scaled_dot_product_attention
+from minillm import attention
 from minillm.cache import KVCache
 from minillm.models.base import CausalLM, check_config_int, check_config_probability
 
@@ -96,7 +96,10 @@ class CausalSelfAttention(nn.Module):
         else:  # chapter 07: store this step's k and v, attend to those of every earlier position too
             k, v = cache.update(self.layer_idx, k, v)  # (B, nh, T_k, hd), T_k = cached + T
         dropout_p = self.attn_dropout if self.training else 0.0
-        y = scaled_dot_product_attention(q, k, v, mask, dropout_p=dropout_p)  # (B, nh, T, hd)
+        # HF's GPT-2 takes the softmax of bf16/fp16 scores in their own dtype, not in float32 as Llama does.
+        # The logits barely notice, but bf16 gradients differ by ~1e-3 (chapter 09's LoRA), so we do as GPT-2 does.
+        keywords = attention.model_keywords(q, dropout_p, softmax_dtype=q.dtype)
+        y = attention.scaled_dot_product_attention(q, k, v, mask, **keywords)  # (B, nh, T, hd)
         # The heads side by side again. reshape may return a strided view (when hd == 1, say), and a matmul on
         # a strided input can round differently from one on a contiguous copy, which is what HF passes.
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)

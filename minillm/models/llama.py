@@ -18,14 +18,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minillm.attention import GroupedQueryAttention, scaled_dot_product_attention
+from minillm import attention
+from minillm.attention import GroupedQueryAttention
 from minillm.cache import KVCache
 from minillm.models.base import CausalLM, check_config_int, check_config_probability
 
 
 @dataclass
 class LlamaConfig:
-    """Sizes of a Llama (or, with sliding_window, Mistral) model. The defaults are Llama-2 7B's."""
+    """Sizes of a Llama (or, with sliding_window, Mistral) model. The defaults are Llama-2 7B's.
+
+    `max_seq_len` is not enforced by `forward`: RoPE has an angle for every position, so longer inputs run
+    (with quality fading past the trained length), exactly as HF's `LlamaForCausalLM` runs inputs longer than
+    `max_position_embeddings`. `make_cache` and `generate` do hold to it.
+    """
 
     vocab_size: int = 32000
     max_seq_len: int = 2048           # the context length it was trained for (RoPE itself has no table)
@@ -142,7 +148,8 @@ class LlamaAttention(GroupedQueryAttention):
         else:  # chapter 07: store this step's (rotated) k and v, attend to the cached ones too
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, T_k, hd), T_k = kept + T
         dropout_p = self.dropout if self.training else 0.0
-        y = scaled_dot_product_attention(q, k, v, mask, dropout_p=dropout_p)  # (B, nh, T, hd)
+        keywords = attention.model_keywords(q, dropout_p)  # softmax in float32 for bf16/fp16, as HF Llama
+        y = attention.scaled_dot_product_attention(q, k, v, mask, **keywords)  # (B, nh, T, hd)
         return self.project_out(y)  # (B, T, C)
 
 
