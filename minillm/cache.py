@@ -67,25 +67,12 @@ class KVCache:
         """Store layer `layer`'s new keys and values k, v (B, nkv, T, hd); return all it may attend to.
 
         Returns (B, nkv, num_kept + T, hd) keys and values in position order: the kept past ones, then the
-        T new ones. Without a window these are views of the buffer (no copy); with one, a new tensor.
+        T new ones (`update_layer` does the work on this layer's buffers).
         """
         self._check_update(layer, k, v)
-        T, seen = k.size(2), self._seen[layer]
-        self._seen[layer] = seen + T
-        K, V = self.keys[layer], self.values[layer]  # (B, nkv, L, hd)
-        if self.sliding_window is None:
-            K[:, :, seen:seen + T].copy_(k)
-            V[:, :, seen:seen + T].copy_(v)
-            return K[:, :, :seen + T], V[:, :, :seen + T]  # (B, nkv, seen + T, hd)
-        kept = min(seen, K.size(2))
-        k_all = torch.cat((K[:, :, :kept], k), dim=2)  # (B, nkv, kept + T, hd)
-        v_all = torch.cat((V[:, :, :kept], v), dim=2)
-        # Roll the window: keep the newest W - 1 keys for the next step, oldest first.
-        keep = min(k_all.size(2), K.size(2))
-        if keep > 0:
-            K[:, :, :keep].copy_(k_all[:, :, k_all.size(2) - keep:])
-            V[:, :, :keep].copy_(v_all[:, :, v_all.size(2) - keep:])
-        return k_all, v_all
+        seen = self._seen[layer]
+        self._seen[layer] = seen + k.size(2)
+        return update_layer(self.keys[layer], self.values[layer], seen, k, v)
 
     def _check_update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
@@ -112,6 +99,31 @@ class KVCache:
         return (f"KVCache(num_layers={self.num_layers}, batch_size={self.batch_size}, "
                 f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, max_len={self.max_len}{window}, "
                 f"length={self.length})")
+
+
+def update_layer(K: torch.Tensor, V: torch.Tensor, seen: int, k: torch.Tensor,
+                 v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's cache update: store the new keys and values k, v (B, nkv, T, hd) in the buffers K, V
+    (B, nkv, L, hd) after the `seen` positions stored so far, and return what the layer may attend to.
+
+    While the new positions fit (seen + T <= L) they are written after the stored ones and the result is a
+    view of the buffers, no copy. Past that point the cache has a sliding window (L = W - 1; without one,
+    `KVCache` refuses to overflow): the buffer holds the newest L positions, oldest first, so the result is
+    those kept ones followed by the new ones, and the buffer then rolls on to the newest L of them, as HF's
+    `DynamicSlidingWindowLayer` does. Chapter 07's build exercise 7.1; `KVCache.update` calls it.
+    """
+    T, L = k.size(2), K.size(2)
+    if seen + T <= L:  # room left: append in place
+        K[:, :, seen:seen + T].copy_(k)
+        V[:, :, seen:seen + T].copy_(v)
+        return K[:, :, :seen + T], V[:, :, :seen + T]  # (B, nkv, seen + T, hd), views of the buffers
+    kept = min(seen, L)
+    k_all = torch.cat((K[:, :, :kept], k), dim=2)  # (B, nkv, kept + T, hd), kept + T > L
+    v_all = torch.cat((V[:, :, :kept], v), dim=2)
+    # Roll the window: the newest L positions stay for the next step, oldest first.
+    K.copy_(k_all[:, :, k_all.size(2) - L:])
+    V.copy_(v_all[:, :, v_all.size(2) - L:])
+    return k_all, v_all
 
 
 def _check_int(name: str, value, minimum: int) -> None:

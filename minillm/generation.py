@@ -12,7 +12,13 @@ HF's order (temperature, then top-k, then top-p).
 Shapes: B batch, T positions, V vocabulary.
 """
 
+import math
+from collections.abc import Callable
+from functools import partial
+
 import torch
+
+from minillm.cache import KVCache
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -54,6 +60,7 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int
     filters (top-k, then top-p) and draws from the softmax with `generator`, so a seeded generator gives the
     same text every time.
     """
+    _check_sample_args(logits, temperature)
     if temperature == 0.0:
         return logits.argmax(dim=-1)  # (B,)
     logits = logits / temperature
@@ -90,22 +97,52 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: in
     model.eval()
     try:
         cache = model.make_cache(B, max_len=T + max_new_tokens) if use_cache else None
-        ids = input_ids  # (B, T) and growing
-        step_input = input_ids  # with a cache: the prompt first, then one new token per step
-        finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)  # (B,)
-        for _ in range(max_new_tokens):
-            logits = model(step_input if use_cache else ids, cache=cache)[:, -1, :]  # (B, V): the last position
-            next_id = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B,)
-            if eos_token_id is not None:
-                next_id = next_id.masked_fill(finished, eos_token_id)  # a finished row only repeats eos
-                finished |= next_id == eos_token_id
-            ids = torch.cat((ids, next_id[:, None]), dim=1)  # (B, T + 1)
-            if eos_token_id is not None and finished.all():
-                break
-            step_input = next_id[:, None]  # (B, 1)
+        choose_next = partial(sample_next_token, temperature=temperature, top_k=top_k, top_p=top_p,
+                              generator=generator)
+        return decode_loop(model, input_ids, max_new_tokens, choose_next, cache, eos_token_id)
     finally:
         model.train(was_training)
+
+
+def decode_loop(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int,
+                choose_next: Callable[[torch.Tensor], torch.Tensor], cache: KVCache | None = None,
+                eos_token_id: int | None = None) -> torch.Tensor:
+    """The loop inside `generate`: one forward pass per new token; returns input_ids (B, T) continued, (B, T + n).
+
+    `choose_next` turns the last position's logits (B, V) into ids (B,). With a `cache` the prompt is run once
+    (prefill) and each later step feeds only the newest token; without one each step reruns the whole text.
+    With `eos_token_id`, a finished row repeats it and the loop stops once every row has finished, as HF's
+    `generate` does when pad_token_id is eos. Chapter 07's build exercise 7.2.
+    """
+    ids = input_ids  # (B, T) and growing
+    step_input = input_ids  # with a cache: the prompt first, then one new token per step
+    finished = torch.zeros(ids.size(0), dtype=torch.bool, device=ids.device)  # (B,)
+    for _ in range(max_new_tokens):
+        logits = model(ids if cache is None else step_input, cache=cache)[:, -1, :]  # (B, V): the last position
+        next_id = choose_next(logits)  # (B,)
+        if eos_token_id is not None:
+            next_id = next_id.masked_fill(finished, eos_token_id)  # a finished row only repeats eos
+            finished |= next_id == eos_token_id
+        ids = torch.cat((ids, next_id[:, None]), dim=1)  # (B, T + 1)
+        if eos_token_id is not None and finished.all():
+            break
+        step_input = next_id[:, None]  # (B, 1)
     return ids
+
+
+def _check_temperature(caller: str, temperature) -> None:
+    # `not 0 <= t < inf` also catches nan, which would reach torch's sampler (HF rejects it too).
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
+        raise ValueError(f"{caller}: temperature must be a number >= 0, not nan or inf (0 means greedy), "
+                         f"got {temperature!r}")
+
+
+def _check_sample_args(logits, temperature) -> None:
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"sample_next_token: logits must be a (B, V) tensor, one row of next-token logits per "
+                         f"sequence, got {got}; for one row use logits[None]")
+    _check_temperature("sample_next_token", temperature)
 
 
 def _check_generate_args(model, input_ids, max_new_tokens, temperature, top_k, top_p, use_cache, generator,
@@ -118,8 +155,7 @@ def _check_generate_args(model, input_ids, max_new_tokens, temperature, top_k, t
                          f"got {got}; for one prompt use ids[None]")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
-        raise ValueError(f"generate: temperature must be a number >= 0 (0 means greedy), got {temperature!r}")
+    _check_temperature("generate", temperature)
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"generate: top_k must be None or an int >= 1, got {top_k!r}")
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
@@ -135,4 +171,4 @@ def _check_generate_args(model, input_ids, max_new_tokens, temperature, top_k, t
                          f"got {eos_token_id!r}")
 
 
-__all__ = ["generate", "sample_next_token", "top_k_filter", "top_p_filter"]
+__all__ = ["decode_loop", "generate", "sample_next_token", "top_k_filter", "top_p_filter"]

@@ -10,8 +10,9 @@ Chapter 08 teaches this file top to bottom. The pieces, in the order a step uses
   `SequentialLR([LinearLR, CosineAnnealingLR])` (tests/test_train.py checks it).
 - `accumulate_gradients`: forward and backward over k micro-batches, each loss divided by k, so the summed
   gradient equals that of one batch k times larger, in the memory of one micro-batch.
-- `train`: the loop (AdamW, clipping by global norm, optional bf16 autocast and gradient checkpointing,
-  evaluation on the val split), which returns a history for plotting loss curves.
+- `train_step`: one optimizer step: schedule, accumulated gradients, clipping by global norm, AdamW update.
+- `train`: the loop (batches, `train_step`, optional bf16 autocast and gradient checkpointing, evaluation on
+  the val split), which returns a history for plotting loss curves.
 - `evaluate`, `unigram_loss`, `bigram_loss`: the validation loss and the two baselines it is judged against.
 
 This is the recipe of nanoGPT's train.py, cut down to what one CPU and one screen hold.
@@ -174,6 +175,46 @@ class TrainConfig:
     seed: int = 0                    # of the generator that draws the batches
     show_progress: bool = True
 
+    def __post_init__(self):
+        _check_train_config(self)
+
+
+def _check_train_config(config: TrainConfig) -> None:
+    """ValueError naming the first field `train` cannot run with (eval_every=0 would divide by zero, steps=-5
+    would train nothing, batch_size=0 would stack no windows), with the value and what is allowed."""
+    def fail(name, allowed):
+        raise ValueError(f"TrainConfig: {name} must be {allowed}, got {getattr(config, name)!r}")
+
+    minimum = dict(steps=1, batch_size=1, block_size=1, grad_accum_steps=1, warmup_steps=0, eval_every=1, seed=0)
+    for name, least in minimum.items():
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            fail(name, f"an int >= {least}")
+    if config.warmup_steps >= config.steps:
+        fail("warmup_steps", f"less than steps={config.steps} (the warmup is part of the run)")
+    if not _is_finite_number(config.max_lr) or config.max_lr <= 0:
+        fail("max_lr", "a finite number > 0")
+    if not _is_finite_number(config.min_lr) or not 0 <= config.min_lr <= config.max_lr:
+        fail("min_lr", f"a number in [0, max_lr={config.max_lr}] (where the cosine decay ends)")
+    for name in ("weight_decay", "grad_clip"):
+        if not _is_finite_number(getattr(config, name)) or getattr(config, name) < 0:
+            fail(name, "a finite number >= 0" + (" (0 turns clipping off)" if name == "grad_clip" else ""))
+    betas = config.betas
+    if (not isinstance(betas, (tuple, list)) or len(betas) != 2
+            or not all(_is_finite_number(b) and 0 <= b < 1 for b in betas)):
+        fail("betas", "a pair (beta1, beta2) of numbers in [0, 1)")
+    eval_windows = config.eval_windows
+    if eval_windows is not None and (isinstance(eval_windows, bool) or not isinstance(eval_windows, int)
+                                     or eval_windows < 1):
+        fail("eval_windows", "None (the whole val split) or an int >= 1")
+    for name in ("bf16", "gradient_checkpointing", "show_progress"):
+        if not isinstance(getattr(config, name), bool):
+            fail(name, "True or False")
+
+
+def _is_finite_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
 
 def make_optimizer(model, config: TrainConfig, optimizer_class=torch.optim.AdamW) -> torch.optim.Optimizer:
     """AdamW with weight decay on the matrices only: decaying biases, LayerNorm gains and embeddings' 1-D
@@ -183,6 +224,29 @@ def make_optimizer(model, config: TrainConfig, optimizer_class=torch.optim.AdamW
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return optimizer_class(groups, lr=config.max_lr, betas=config.betas)
+
+
+def train_step(model, optimizer: torch.optim.Optimizer, micro_batches, step: int,
+               config: TrainConfig) -> tuple[float, float, float]:
+    """Optimizer step number `step` (0-based) of `train` on a list of (inputs, targets) micro-batches (B, T).
+
+    Sets every parameter group's learning rate from the schedule, accumulates the micro-batches' gradients
+    from zero, clips them to a global norm of `config.grad_clip` (0: no clipping) and lets the optimizer
+    update. Returns (learning rate, mean loss of the micro-batches, gradient norm before clipping).
+    Chapter 08's build exercise 8.5; `train` calls it through this module, so a learner's can stand in.
+    """
+    lr = lr_at(step, max_lr=config.max_lr, min_lr=config.min_lr, warmup_steps=config.warmup_steps,
+               total_steps=config.steps)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss = accumulate_gradients(model, micro_batches, bf16=config.bf16)
+    # Clipping rescales the whole gradient when its norm is large: one bad batch cannot throw the
+    # weights far. It returns the norm before clipping, worth watching in the history.
+    max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+    optimizer.step()
+    return lr, loss, grad_norm
 
 
 def train(model, train_tokens: torch.Tensor, val_tokens: torch.Tensor, config: TrainConfig,
@@ -195,19 +259,9 @@ def train(model, train_tokens: torch.Tensor, val_tokens: torch.Tensor, config: T
     model.train()
     history = {"lr": [], "train_loss": [], "grad_norm": [], "val_step": [], "val_loss": []}
     for step in progress(range(config.steps), desc="train", disable=not config.show_progress):
-        lr = lr_at(step, max_lr=config.max_lr, min_lr=config.min_lr, warmup_steps=config.warmup_steps,
-                   total_steps=config.steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         micro_batches = [get_batch(train_tokens, config.batch_size, config.block_size, generator)
                          for _ in range(config.grad_accum_steps)]
-        optimizer.zero_grad(set_to_none=True)
-        loss = accumulate_gradients(model, micro_batches, bf16=config.bf16)
-        # Clipping rescales the whole gradient when its norm is large: one bad batch cannot throw the
-        # weights far. It returns the norm before clipping, worth watching in the history.
-        max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
-        optimizer.step()
+        lr, loss, grad_norm = train_step(model, optimizer, micro_batches, step, config)
         history["lr"].append(lr)
         history["train_loss"].append(loss)
         history["grad_norm"].append(grad_norm)
