@@ -31,10 +31,12 @@ Which questions: the task uses TASK_KINDS (see there for why not all five kinds)
 Shapes: B batch, T positions, V vocabulary.
 """
 
+import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -247,6 +249,33 @@ def results_table(results: Sequence[FinetuneResult], timing: bool = False) -> st
         if timing:
             line += f" {r.ms_per_step:>8.0f}"
         lines.append(line)
+    return "\n".join(lines)
+
+
+SEEDS_RESULTS = Path(__file__).resolve().parent / "assets" / "finetune_seeds.json"
+
+
+def seeds_table(methods: Sequence[str], path=SEEDS_RESULTS) -> str:
+    """Rows of chapters 09 and 10's table over several seeds, as scripts/finetune_seeds.py recorded them.
+
+    Each cell is mean ± sample standard deviation over the seeds, on the held-out pairs: exact match, answer
+    loss (nats per answer token) and answer-token accuracy (teacher-forced argmax). A notebook trains one seed
+    within its minute; this table, computed once by the script and committed, is what tells a difference
+    between methods from the spread between seeds.
+    """
+    report = json.loads(Path(path).read_text())
+    unknown = [m for m in methods if m not in report["methods"]]
+    if unknown:
+        raise ValueError(f"seeds_table: {unknown} not in {path}; it holds {list(report['methods'])}")
+    header = (f"{'method':<20} {'steps':>5} {'exact match':>15} {'answer loss (nats)':>19} "
+              f"{'token accuracy':>15}")
+    lines = [f"{len(report['seeds'])} seeds ({', '.join(map(str, report['seeds']))}), mean ± sd over seeds, "
+             f"{report['val_pairs']} held-out pairs", header, "-" * len(header)]
+    for method in methods:
+        row = report["methods"][method]
+        em, loss, acc = row["exact_match"], row["answer_loss"], row["token_accuracy"]
+        lines.append(f"{method:<20} {row['steps']:>5} {100 * em['mean']:>7.1f} ± {100 * em['sd']:>4.1f}% "
+                     f"{loss['mean']:>11.3f} ± {loss['sd']:.3f} {100 * acc['mean']:>7.1f} ± {100 * acc['sd']:>3.1f}%")
     return "\n".join(lines)
 
 

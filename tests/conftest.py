@@ -7,3 +7,15 @@ machine without CUDA before anything else can import triton, whatever order pyte
 """
 
 import minillm.quant.kernels  # noqa: F401  (imported for its side effect: the interpreter switch)
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's many small ops on one thread (`pytestmark = pytest.mark.usefixtures("one_thread")`), as the
+    notebooks do: on a busy 2-core machine, thread hand-offs made them four times slower. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -13,12 +13,7 @@ from minillm.exercises import ch08, use
 from exercise_helpers import outputs, run_three, stub
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the notebooks run; tiny matmuls on contended threads are very slow
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # as the notebooks run
 
 
 # --- 8.3 warmup + cosine ----------------------------------------------------------------------------

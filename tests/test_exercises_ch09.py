@@ -3,31 +3,81 @@
 import math
 
 import pytest
+import torch
 from torch import nn
 
 pytest.importorskip("peft")
-from minillm.exercises import ch09  # noqa: E402
+from minillm.exercises import ch09, use  # noqa: E402
+from minillm.peft import LoRALinear  # noqa: E402
 from exercise_helpers import stub, outputs, run_three  # noqa: E402
 
-
-# --- 9.1 the LoRA forward ---------------------------------------------------------------------------
-
-
-def lora_forward(x, weight, bias, A, B, scaling):
-    return x @ weight.T + bias + (x @ A.T) @ B.T * scaling
+ORIGINAL_FORWARD = LoRALinear.__dict__["forward"]
 
 
-def lora_forward_unscaled(x, weight, bias, A, B, scaling):  # forgets alpha / r
-    return x @ weight.T + bias + (x @ A.T) @ B.T
+# --- 9.1 LoRALinear forward (build) ------------------------------------------------------------------
 
 
-def test_lora_forward_check(capsys):
-    passed, stubbed, wrong = run_three(ch09.check_lora_forward, lora_forward, lora_forward_unscaled, capsys)
-    assert passed == "Exercise 9.1 (the LoRA forward): passed ✓"
-    assert stubbed.startswith("Exercise 9.1 (the LoRA forward): not attempted yet")
+def lora_linear_forward(self, x):
+    result = self.base(x)  # (..., out)
+    if self.merged:
+        return result
+    return result + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+
+
+def lora_linear_forward_without_scale(self, x):  # forgets alpha / r
+    result = self.base(x)
+    return result if self.merged else result + self.lora_B(self.lora_A(self.lora_dropout(x)))
+
+
+def test_lora_linear_forward_check(capsys):
+    passed, stubbed, wrong = run_three(ch09.check_lora_linear_forward, lora_linear_forward,
+                                       lora_linear_forward_without_scale, capsys)
+    assert passed == "Exercise 9.1 (LoRALinear forward): passed ✓"
+    assert stubbed.startswith("Exercise 9.1 (LoRALinear forward): not attempted yet")
     # Case 1 has alpha = r = 1 (scaling 1), so forgetting the scale only shows from case 2 on.
-    assert wrong.startswith("Exercise 9.1 (the LoRA forward): not yet ✗ - case 2: lora_forward on x of shape "
+    assert wrong.startswith("Exercise 9.1 (LoRALinear forward): not yet ✗ - case 2: forward on x of shape "
                             "(2, 7, 8), r=2, alpha=4: first mismatch at index")
+
+
+def test_lora_linear_forward_check_catches_skipped_dropout_and_double_merge(capsys):
+    ch09.check_lora_linear_forward(lambda self, x: self.base(x) + self.lora_B(self.lora_A(x)) * self.scaling)
+    (line,) = outputs(capsys)
+    assert "case 5: forward on x of shape (3, 5, 12), r=2, alpha=8, dropout 0.3 in train mode: first mismatch" in line
+
+
+def last_line(capsys):
+    return capsys.readouterr().out.strip().splitlines()[-1]
+
+
+def test_plugged_in_solution_matches_peft(capsys):
+    with use(lora_forward=lora_linear_forward):
+        assert ch09.end_to_end_lora()
+    assert last_line(capsys).endswith("loads in PEFT with equal logits, bit for bit: ✓")
+
+
+def test_plugged_in_wrong_forward_fails(capsys):
+    with use(lora_forward=lora_linear_forward_without_scale):
+        assert not ch09.end_to_end_lora()
+    assert "bit for bit: ✗ - logits differ: max |difference|" in last_line(capsys)
+
+
+def reference_logits():
+    ours, _, _, ids = ch09._lora_and_peft_twins()
+    with torch.no_grad():
+        return ours(ids)
+
+
+def test_plug_in_restores_the_package(capsys):
+    before = reference_logits()
+    with use(lora_forward=stub):
+        ch09.end_to_end_lora()
+    assert "plug-in skipped" in capsys.readouterr().out
+    with pytest.raises(RuntimeError):
+        with use(lora_forward=lora_linear_forward_without_scale):
+            assert not torch.equal(reference_logits(), before)  # the swap is live inside the block
+            raise RuntimeError("a cell failed")
+    assert LoRALinear.__dict__["forward"] is ORIGINAL_FORWARD
+    assert torch.equal(reference_logits(), before)
 
 
 # --- 9.2 the scale ----------------------------------------------------------------------------------

@@ -109,10 +109,25 @@ def greedy_generate_without_cache_in_steps(model, input_ids, max_new_tokens):  #
     return ids
 
 
+def greedy_generate_without_any_cache(model, input_ids, max_new_tokens):  # the whole text again every step
+    ids = input_ids
+    for _ in range(max_new_tokens):
+        ids = torch.cat((ids, model(ids)[:, -1].argmax(-1)[:, None]), dim=1)
+    return ids
+
+
+def test_greedy_generate_check_wants_one_cache(capsys):
+    ch10.check_greedy_generate(greedy_generate_without_any_cache)  # right ids: only the call pattern is wrong
+    (line,) = outputs(capsys)
+    assert line.startswith("Exercise 10.4 (cached greedy decoding with virtual tokens): not yet ✗ - case 1: "
+                           "greedy_generate(prefix tuning on gpt2, B=1, T=3, n=6): right ids, but the first call got "
+                           "no cache")
+
+
 def test_greedy_generate_check(capsys):
     passed, stubbed, wrong = run_three(ch10.check_greedy_generate, greedy_generate,
                                        greedy_generate_without_cache_in_steps, capsys)
     assert passed == "Exercise 10.4 (cached greedy decoding with virtual tokens): passed ✓"
     assert stubbed.startswith("Exercise 10.4 (cached greedy decoding with virtual tokens): not attempted yet")
-    assert wrong.startswith("Exercise 10.4 (cached greedy decoding with virtual tokens): not yet ✗ - case 2: "
-                            "greedy_generate(prefix tuning on llama, B=2, T=5, n=8): first mismatch")
+    assert wrong.startswith("Exercise 10.4 (cached greedy decoding with virtual tokens): not yet ✗ - case 1: "
+                            "greedy_generate(prefix tuning on gpt2, B=1, T=3, n=6): first mismatch")

@@ -14,12 +14,7 @@ from minillm.quant import optim  # noqa: E402
 from exercise_helpers import stub, outputs, run_three  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the notebooks run; many small ops on contended threads are slow
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # as the notebooks run
 
 
 def assert_three(statuses, number):

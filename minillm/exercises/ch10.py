@@ -7,7 +7,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from minillm.exercises import Mismatch, check, expect_equal
+from minillm.exercises import Mismatch, check, exercise, expect_equal
 
 
 def _peft():
@@ -38,6 +38,7 @@ def _llama_sizes(num_layers, num_heads, num_kv_heads, head_dim, vocab_size=29, m
                 head_dim=head_dim, max_position_embeddings=max_len)
 
 
+@exercise("10.1", "cut the prefix table into layers")
 def check_prefix_layers(prefix_layers) -> None:
     """Exercise 10.1: `prefix_layers(table, num_layers, num_kv_heads, head_dim)` cuts a (B, P, 2·L·nkv·hd) table
     into L pairs (keys, values), each (B, nkv, P, hd), in PEFT's layout."""
@@ -68,6 +69,7 @@ def check_prefix_layers(prefix_layers) -> None:
                "at index 2i and its values at 2i + 1")
 
 
+@exercise("10.2", "attention over a prefix")
 def check_attention_with_prefix(attention_with_prefix) -> None:
     """Exercise 10.2: `attention_with_prefix(q, k, v, prefix_k, prefix_v)`: causal attention of T real queries
     (B, nh, T, hd) over P prefix keys, which every query sees, and the T real keys; returns (B, nh, T, hd)."""
@@ -91,6 +93,7 @@ def check_attention_with_prefix(attention_with_prefix) -> None:
                "columns, then the usual lower triangle; softmax(q kᵀ / sqrt(hd) + mask) v")
 
 
+@exercise("10.3", "count prefix-tuning parameters")
 def check_prefix_num_params(prefix_num_params) -> None:
     """Exercise 10.3: `prefix_num_params(num_layers, num_heads, num_kv_heads, head_dim, num_virtual_tokens,
     encoder_hidden_size=None)` is the number of trainable parameters of prefix tuning (None: no projection MLP)."""
@@ -116,6 +119,7 @@ def check_prefix_num_params(prefix_num_params) -> None:
                "2·L·that; with it an embedding (P, kv), Linear(kv, E) and Linear(E, 2·L·kv), biases included")
 
 
+@exercise("10.4", "cached greedy decoding with virtual tokens")
 def check_greedy_generate(greedy_generate) -> None:
     """Exercise 10.4: `greedy_generate(model, input_ids, max_new_tokens)` runs the prompt once into a cache
     from `model.make_cache`, then feeds one token per step; for a PrefixTuning or PromptTuning model."""
@@ -137,6 +141,7 @@ def check_greedy_generate(greedy_generate) -> None:
             else:
                 config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P)
                 model = PromptTuning(ours, P)
+            torch.manual_seed(seed)  # PEFT draws its virtual tokens from the global generator
             reference = peft.get_peft_model(hf, config)
             ids = torch.randint(0, 31, (B, T), generator=torch.Generator().manual_seed(seed))
             with torch.no_grad():
@@ -154,14 +159,43 @@ def check_greedy_generate(greedy_generate) -> None:
                     next_id = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
                     expected = torch.cat((expected, next_id), dim=1)
                     logits = base(next_id, cache=cache).logits
+                calls = _record_calls(model)
                 got = greedy_generate(model, ids.clone(), n)
-            expect_equal(got, expected, what=f"greedy_generate({kind} tuning on {arch}, B={B}, T={T}, n={n})",
-                         atol=0, rtol=0)
+            what = f"greedy_generate({kind} tuning on {arch}, B={B}, T={T}, n={n})"
+            expect_equal(got, expected, what=what, atol=0, rtol=0)
+            _expect_cached_loop(calls, T, n, what)
         return run
 
     cases = [case("prefix", "gpt2", 4, 1, 3, 6, 1), case("prefix", "llama", 3, 2, 5, 8, 2),
              case("prompt", "gpt2", 5, 2, 4, 7, 3), case("prompt", "llama", 2, 1, 1, 5, 4)]
     check("Exercise 10.4 (cached greedy decoding with virtual tokens)", cases,
-          hint="cache = model.make_cache(B, T + n); logits = model(input_ids, cache=cache); then each step append "
-               "logits[:, -1].argmax(-1) and call model(next_id[:, None], cache=cache) - the SAME cache, which "
-               "already holds the virtual tokens")
+          hint="one cache for the whole text: the prompt goes in once, then each step feeds only the token it just "
+               "chose; the virtual tokens are already in that cache after the first call.",
+          more="ask the model for a cache long enough for the prompt and every new token, pass that same cache to "
+               "every call, and pick each new token as the argmax of the last position's logits.")
+
+
+def _record_calls(model) -> list[tuple[int, object]]:
+    """Record (tokens fed, cache passed) for every call of `model`, so a check can see how a loop used it."""
+    calls = []
+
+    def record(module, args, kwargs):
+        ids = args[0] if args else kwargs.get("input_ids")
+        cache = kwargs.get("cache", args[2] if len(args) > 2 else None)
+        calls.append((ids.shape[-1] if isinstance(ids, torch.Tensor) else None, cache))
+    model.register_forward_pre_hook(record, with_kwargs=True)
+    return calls
+
+
+def _expect_cached_loop(calls: list[tuple[int, object]], T: int, n: int, what: str) -> None:
+    """Raise `Mismatch` unless the prompt went in once and every later call fed one token into the same cache."""
+    fed = [tokens for tokens, _ in calls]
+    if not calls or calls[0][1] is None:
+        raise Mismatch(f"{what}: right ids, but the first call got no cache; make one with model.make_cache and "
+                       "pass it to every call")
+    later = calls[1:]
+    if fed[0] != T or any(tokens != 1 for tokens in fed[1:]) or any(cache is not calls[0][1] for _, cache in later) \
+            or not n <= len(calls) <= n + 1:
+        raise Mismatch(f"{what}: right ids, but not one cached pass: expected the {T} prompt tokens once, then one "
+                       f"token per call into the same cache ({n} or {n + 1} calls); the calls fed {fed} tokens"
+                       + ("" if all(cache is calls[0][1] for _, cache in later) else ", not all into the first cache"))

@@ -10,7 +10,8 @@ Chapter 11 teaches this module, in building order:
 3. `Int8Linear`: LLM.int8() (Dettmers et al., 2022) as a drop-in for `nn.Linear`. Activation columns with a
    value of magnitude >= threshold (the "outlier features") are multiplied in 16-bit; everything else in
    int8. Its outputs are `torch.equal` to `bitsandbytes.nn.Linear8bitLt(has_fp16_weights=False)` in eval and
-   in train mode for fp32, fp16 and bf16 inputs.
+   in train mode for fp32, fp16 and bf16 inputs, on every CPU while in_features <= 1040 (see
+   `int8_linear_matmul`: past that, bitsandbytes' fallback for CPUs without AVX512 may round its sums).
 
 Conventions: absmax_quantize and zeropoint_quantize return the *step* `scale` (dequantize = codes * scale);
 the LLM.int8() functions return each row's *absmax*, as bitsandbytes does (dequantize = codes * absmax / 127).
@@ -129,8 +130,10 @@ def int8_linear_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b.T for int8 a (M, K) and b (N, K), accumulated exactly in int32: (M, N) int32.
 
     Chapter 11 teaches this. Equal to `bitsandbytes.functional.int8_linear_matmul` (on CPUs with AVX512 it
-    calls `torch._int_mm`; without, an fp32 matmul, exact only while partial sums stay below 2**24). Each
-    product is at most 127 * 127, so int32 cannot overflow for K below 2**31 / 127**2, about 133 000.
+    calls `torch._int_mm`; without, an fp32 matmul cast to int32). The fp32 matmul is exact, in any summation
+    order, when sum_k |a_k * b_k| <= 2**24 for every output, since every partial sum is then an integer fp32
+    holds; K * 127**2 <= 2**24 guarantees it, i.e. K <= 1040. Each product is at most 127 * 127, so int32
+    cannot overflow for K below 2**31 / 127**2, about 133 000.
     """
     _check_codes("int8_linear_matmul: a", a, torch.int8, ndim=2)
     _check_codes("int8_linear_matmul: b", b, torch.int8, ndim=2)
@@ -164,17 +167,38 @@ def int8_mm_dequant(acc: torch.Tensor, row_absmax: torch.Tensor, col_absmax: tor
     return out.to(dtype)
 
 
+def llm_int8_linear(x: torch.Tensor, weight_codes: torch.Tensor, weight_absmax: torch.Tensor,
+                    bias: torch.Tensor | None, threshold: float) -> torch.Tensor:
+    """LLM.int8()'s forward, y = x @ W.T + bias for a 2-D x (N, in): (N, out) in x's dtype.
+
+    Chapter 11 builds this (exercise 11.1); `Int8Linear`'s eval mode calls it. The same arithmetic, in the same
+    order, as bitsandbytes' `MatMul8bitLt` on CPU: x is cast to fp16 and quantized row-wise with its outlier
+    columns (a value with |value| >= threshold) set aside; the int8 codes are multiplied with int32
+    accumulation and scaled back in fp32 (bias added before the one rounding to x's dtype); the outlier
+    columns of x, in x's own dtype, are multiplied by the dequantized weight columns and added by `addmm`.
+    `weight_codes` (out, in) int8 and `weight_absmax` (out,) fp32 come from `int8_vectorwise_quant` of the
+    fp16 weight; `bias` is None or (out,) in x's dtype; threshold 0 means no outlier columns.
+    """
+    x_codes, x_absmax, outlier_cols = int8_vectorwise_quant(x.to(torch.float16), threshold)
+    acc = int8_linear_matmul(x_codes, weight_codes)  # (N, out) int32, exact
+    y = int8_mm_dequant(acc, x_absmax, weight_absmax, bias, dtype=x.dtype)  # (N, out)
+    if outlier_cols.numel() > 0:
+        w_outliers = int8_vectorwise_dequant(weight_codes[:, outlier_cols], weight_absmax)  # (out, n_out) fp32
+        y = y.addmm(x[:, outlier_cols], w_outliers.to(x.dtype).t())  # += (N, n_out) @ (n_out, out)
+    return y
+
+
 # ------------------------------------------------------------------------------------------ module
 class Int8Linear(nn.Module):
     """LLM.int8() linear layer: int8 weight with one absmax per output row, outlier decomposition.
 
     Chapter 11 teaches this. Build it with `Int8Linear.from_linear(linear, threshold=6.0)`. Outputs are
     `torch.equal` to `bitsandbytes.nn.Linear8bitLt(..., has_fp16_weights=False, threshold=threshold)` moved
-    to the CPU, which takes two different paths on CPU that we both reproduce:
+    to the CPU (on every CPU while in_features <= 1040, see `int8_linear_matmul`), which takes two different
+    paths on CPU that we both reproduce:
 
-    - eval mode (`MatMul8bitLt`): x is cast to fp16 and quantized row-wise (`int8_vectorwise_quant`); the
-      int8 matmul covers the ordinary columns; the outlier columns are multiplied in x's dtype against the
-      dequantized weight columns and added (`addmm`). Threshold 0 means no outlier columns.
+    - eval mode (`MatMul8bitLt`): `llm_int8_linear`, the outlier decomposition. Threshold 0 means no
+      outlier columns.
     - train mode (`MatMul8bitFp`, the default right after construction, like every nn.Module): the weight is
       dequantized to x's dtype and `F.linear` runs; the threshold is ignored and x is not quantized.
 
@@ -232,12 +256,8 @@ class Int8Linear(nn.Module):
             return F.linear(x, self.dequantized_weight(x.dtype), bias)
 
         x2 = x.reshape(-1, self.in_features)  # (N, in)
-        x_codes, x_absmax, outlier_cols = int8_vectorwise_quant(x2.to(torch.float16), self.threshold)
-        acc = int8_linear_matmul(x_codes, self.weight_codes)  # (N, out) int32
-        y = int8_mm_dequant(acc, x_absmax, self.weight_absmax, bias, dtype=x.dtype)  # (N, out)
-        if outlier_cols.numel() > 0:
-            w_outliers = int8_vectorwise_dequant(self.weight_codes[:, outlier_cols], self.weight_absmax)
-            y = y.addmm(x2[:, outlier_cols], w_outliers.to(x.dtype).t())  # += (N, n_out) @ (n_out, out)
+        # Looked up in this module at call time: chapter 11's exercise swaps in the learner's version.
+        y = llm_int8_linear(x2, self.weight_codes, self.weight_absmax, bias, self.threshold)  # (N, out)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -7,17 +7,5 @@ compare against its always-present CPU paths; silence them so real warnings stay
 
 import logging
 
-import pytest
-import torch
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """Run a module's many small ops on one thread (`pytestmark = pytest.mark.usefixtures("one_thread")`): on
-    a busy 2-core machine, thread hand-offs made them four times slower. The previous setting is restored."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
