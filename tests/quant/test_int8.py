@@ -138,14 +138,17 @@ def test_vectorwise_dequant_equals_bitsandbytes():
 
 
 # ------------------------------------------------------------------------------------ int8 matmul
-@pytest.mark.parametrize("M, N, K", [(1, 1, 1), (3, 5, 7), (17, 9, 130), (8, 16, 4096)])
+@pytest.mark.parametrize("M, N, K", [(1, 1, 1), (3, 5, 7), (17, 9, 130), (8, 16, 1040), (8, 16, 4096)])
 def test_int8_matmul_and_dequant_equal_bitsandbytes(M, N, K):
     g = torch.Generator().manual_seed(K)
     a = torch.randint(-127, 128, (M, K), dtype=torch.int8, generator=g)
     b = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
     acc = int8_linear_matmul(a, b)
     assert_equal(acc, (a.long() @ b.long().t()).int(), "int8_linear_matmul vs exact int64 matmul")
-    assert_equal(acc, bnb_F.int8_linear_matmul(a, b), "int8_linear_matmul")
+    # bitsandbytes runs torch._int_mm (exact) only where torch reports AVX512; elsewhere an fp32 matmul, exact in
+    # any summation order only while every partial sum stays below 2^24, which K <= 1040 guarantees (1040 * 127^2).
+    if K <= 1040:
+        assert_equal(acc, bnb_F.int8_linear_matmul(a, b), "int8_linear_matmul")
 
     row_absmax, col_absmax = torch.rand(M, generator=g) * 4, torch.rand(N, generator=g) * 4
     bias = torch.randn(N, generator=g)
