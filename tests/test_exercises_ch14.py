@@ -7,12 +7,92 @@ import torch
 
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("peft")
-from minillm.exercises import ch14  # noqa: E402
-from minillm.quant.nf4 import dequantize_4bit, get_4bit_code, unpack_nibbles  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from minillm.exercises import ch14, use  # noqa: E402
 from exercise_helpers import stub, outputs, run_three  # noqa: E402
 
 
-# --- 14.1 count LoRA parameters ------------------------------------------------------------------
+# --- 14.1 (build) Linear4bitFunction --------------------------------------------------------------
+# Written here as a learner would. The wrong answers: the backward returns no dL/dx ("the weight is frozen"),
+# and a forward that keeps the dequantized weight on ctx instead of dequantizing again.
+
+
+class Linear4bitFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bias, layer):
+        ctx.layer = layer
+        return F.linear(x, layer.dequantized_weight(), bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        grad_x = torch.matmul(grad_y, ctx.layer.dequantized_weight()) if ctx.needs_input_grad[0] else None
+        grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_bias, None
+
+
+class NoInputGradient(Linear4bitFunction):
+    @staticmethod
+    def backward(ctx, grad_y):
+        return None, None, None
+
+
+class KeepsTheWeight(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bias, layer):
+        ctx.weight = layer.dequantized_weight()  # a full-precision copy kept until the backward
+        return F.linear(x, ctx.weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
+        return torch.matmul(grad_y, ctx.weight), grad_bias, None
+
+
+class Stub(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bias, layer):
+        raise NotImplementedError
+
+
+def test_linear4bit_function_check(capsys):
+    passed, stubbed, wrong = run_three(ch14.check_linear4bit_function, Linear4bitFunction, NoInputGradient, capsys)
+    assert passed == "Exercise 14.1 (Linear4bitFunction): passed ✓"
+    assert wrong == ("Exercise 14.1 (Linear4bitFunction): not yet ✗ - case 1: 64x128 weight, x (4, 128) float32: "
+                     "dL/dx is None; the weight is frozen but x still needs its gradient")
+    ch14.check_linear4bit_function(Stub)
+    ch14.check_linear4bit_function(KeepsTheWeight)
+    stub_line, keeps = outputs(capsys)
+    assert stubbed.startswith("Exercise 14.1 (Linear4bitFunction): not yet ✗") and "got function" in stubbed, (
+        "a plain function is not an autograd.Function")
+    assert stub_line.startswith("Exercise 14.1 (Linear4bitFunction): not attempted yet")
+    assert keeps.endswith("the backward did not dequantize the weight again; it must call "
+                          "layer.dequantized_weight() itself rather than keep the forward's copy")
+
+
+def test_linear4bit_function_plugged_in(capsys):
+    from minillm.quant import linear4bit
+
+    original = linear4bit.Linear4bitFunction
+    with use(Linear4bitFunction=Linear4bitFunction):
+        assert linear4bit.Linear4bitFunction is Linear4bitFunction
+        assert ch14.end_to_end_linear4bit_function()
+    with use(Linear4bitFunction=NoInputGradient):
+        assert not ch14.end_to_end_linear4bit_function()
+    with use(Linear4bitFunction=Stub):
+        ch14.end_to_end_linear4bit_function()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == ch14.CLAIM_14 + ": ✓"
+    assert lines[1] == ch14.CLAIM_14 + ": ✗ - the gradient of transformer.h.0.attn.c_attn's lora_A differs first"
+    assert lines[2].startswith("plug-in skipped: your Linear4bitFunction (exercise 14.1) is not written yet")
+    assert linear4bit.Linear4bitFunction is original
+    with pytest.raises(RuntimeError):
+        with use(Linear4bitFunction=Linear4bitFunction):
+            raise RuntimeError("a learner's cell failed")
+    assert linear4bit.Linear4bitFunction is original
+
+
+# --- 14.2 count LoRA parameters ------------------------------------------------------------------
 
 
 def lora_parameter_count(shapes, r):
@@ -26,34 +106,10 @@ def lora_parameter_count_square(shapes, r):  # as if every layer were square: r 
 def test_lora_parameter_count_check(capsys):
     passed, stubbed, wrong = run_three(ch14.check_lora_parameter_count, lora_parameter_count,
                                        lora_parameter_count_square, capsys)
-    assert passed == "Exercise 14.1 (count LoRA parameters): passed ✓"
-    assert stubbed.startswith("Exercise 14.1 (count LoRA parameters): not attempted yet")
-    assert wrong.startswith("Exercise 14.1 (count LoRA parameters): not yet ✗ - case 1: "
+    assert passed == "Exercise 14.2 (count LoRA parameters): passed ✓"
+    assert stubbed.startswith("Exercise 14.2 (count LoRA parameters): not attempted yet")
+    assert wrong.startswith("Exercise 14.2 (count LoRA parameters): not yet ✗ - case 1: "
                             "lora_parameter_count([(384, 128)], r=8): expected 4096, got 2048")
-
-
-# --- 14.2 backward through dequantize ------------------------------------------------------------
-
-
-def linear4bit_backward(grad_y, packed, state):
-    return grad_y @ dequantize_4bit(packed, state, dtype=grad_y.dtype)
-
-
-def linear4bit_backward_raw_absmax(grad_y, packed, state):  # reads the double-quantized uint8 codes as scales
-    n = math.prod(state.shape)
-    codes = unpack_nibbles(packed.reshape(-1))[:n].long()
-    scale = state.absmax.float().repeat_interleave(state.blocksize)[:n]
-    weight = (get_4bit_code("nf4")[codes] * scale).reshape(state.shape).to(grad_y.dtype)
-    return grad_y @ weight
-
-
-def test_linear4bit_backward_check(capsys):
-    passed, stubbed, wrong = run_three(ch14.check_linear4bit_backward, linear4bit_backward,
-                                       linear4bit_backward_raw_absmax, capsys)
-    assert passed == "Exercise 14.2 (backward through dequantize): passed ✓"
-    assert stubbed.startswith("Exercise 14.2 (backward through dequantize): not attempted yet")
-    assert wrong.startswith("Exercise 14.2 (backward through dequantize): not yet ✗ - case 2: linear4bit_backward "
-                            "for a (96, 64) weight, grad_y (2, 5, 96) torch.float32: first mismatch at index")
 
 
 # --- 14.3 QLoRA training memory ------------------------------------------------------------------
@@ -91,7 +147,7 @@ def test_qlora_training_bytes_check(capsys):
 def test_checks_report_a_crash_instead_of_raising(capsys):
     ch14.check_lora_parameter_count(lambda shapes, r: shapes[5])
     line = outputs(capsys)[0]
-    assert line.startswith("Exercise 14.1 (count LoRA parameters): not yet ✗ - case 1: your code raised IndexError")
-    ch14.check_linear4bit_backward(lambda grad_y, packed, state: grad_y)
+    assert line.startswith("Exercise 14.2 (count LoRA parameters): not yet ✗ - case 1: your code raised IndexError")
+    ch14.check_linear4bit_function(None)
     line = outputs(capsys)[0]
-    assert "expected a torch.float32 tensor of shape (4, 128), got torch.float32 (4, 64)" in line
+    assert line.endswith("expected a torch.autograd.Function subclass, got NoneType")

@@ -13,7 +13,8 @@ from torch import nn
 
 from minillm.quant.blockwise import FLOAT_DTYPES, _check_float_tensor, create_dynamic_map
 from minillm.quant.int8 import Int8Linear
-from minillm.quant.nf4 import NESTED_BLOCKSIZE, QuantState, dequantize_4bit, get_4bit_code, quantize_4bit
+from minillm.quant import nf4  # nf4.quantize_4bit is looked up at call time: chapter 12's exercise swaps it
+from minillm.quant.nf4 import NESTED_BLOCKSIZE, QuantState, dequantize_4bit, get_4bit_code
 
 QUANTIZE_METHODS = ("nf4", "fp4", "int8")
 
@@ -62,6 +63,8 @@ class Int4Linear(nn.Module):
         self.quant_type = quant_state.quant_type
         self.bias = None if bias is None else nn.Parameter(bias)
         self.compute_dtype = compute_dtype
+        # Chapter 13: True sends the CPU through the Triton kernel too (in Triton's interpreter), to check it.
+        self.use_kernel = False
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, quant_type: str = "nf4", blocksize: int = 64,
@@ -69,7 +72,7 @@ class Int4Linear(nn.Module):
         """Quantize an `nn.Linear`'s weight with `quantize_4bit`; the bias is kept as it is."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"Int4Linear.from_linear: expected an nn.Linear, got {type(linear).__name__}")
-        packed, state = quantize_4bit(linear.weight.detach(), blocksize, quant_type, compress_statistics)
+        packed, state = nf4.quantize_4bit(linear.weight.detach(), blocksize, quant_type, compress_statistics)
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls(packed, state, bias, compute_dtype)
 
@@ -97,9 +100,10 @@ class Int4Linear(nn.Module):
 
         On a GPU chapter 13's Triton kernel dequantizes (one pass over the packed bytes, in parallel; its tests
         check it equals these torch ops); on the CPU the torch ops of chapter 12 do, because the same kernel in
-        Triton's interpreter is tens of times slower than them (chapter 14 measures it).
+        Triton's interpreter is tens of times slower than them (chapter 14 measures it), unless `use_kernel`
+        is set (chapter 13 sets it to run a whole model through the kernel).
         """
-        if self.weight_packed.is_cuda:
+        if self.weight_packed.is_cuda or self.use_kernel:
             from minillm.quant import kernels  # imports triton: only when a GPU needs it
             return kernels.dequantize_4bit(self.weight_packed, self.quant_state, out_dtype=self.compute_dtype)
         return dequantize_4bit(self.weight_packed, self.quant_state, dtype=self.compute_dtype)

@@ -10,8 +10,8 @@ The idea in four steps (QLoRA, Dettmers et al., 2023):
 1. Cut the flattened tensor into blocks of `blocksize` values (the last block may be shorter) and divide each
    block by its absmax, so every value lies in [-1, 1].
 2. Replace each value by the index (0..15) of the nearest of 16 code values: NF4's are quantiles of a normal
-   distribution, so each index is used about equally often on normally distributed weights; FP4's are a tiny
-   floating-point format.
+   distribution, so on normally distributed weights the indices are used far more evenly than a uniform
+   grid's (not equally: chapter 12 measures it); FP4's are a tiny floating-point format.
 3. Pack two 4-bit indices into each byte.
 4. Optionally (double quantization) store the fp32 absmax values themselves in 8 bits, with chapter 11's
    `quantize_blockwise`, in blocks of 256.
@@ -25,8 +25,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from minillm.quant.blockwise import (FLOAT_DTYPES, _check_blocksize, _check_float_tensor, create_dynamic_map,
-                                     dequantize_blockwise, quantize_blockwise)
+from minillm.quant.blockwise import (FLOAT_DTYPES, _check_blocksize, _check_finite, _check_float_tensor,
+                                     create_dynamic_map, dequantize_blockwise, quantize_blockwise)
 
 BLOCKSIZES_4BIT = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' quantize_4bit accepts
 QUANT_TYPES = ("nf4", "fp4")
@@ -135,6 +135,7 @@ def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
     they get the codes of their fp32 copy.
     """
     _check_float_tensor("quantize_4bit", x)
+    _check_finite("quantize_4bit", x)
     _check_blocksize("quantize_4bit", blocksize, allowed=BLOCKSIZES_4BIT)
     _check_quant_type("quantize_4bit", quant_type)
     if not isinstance(compress_statistics, bool):

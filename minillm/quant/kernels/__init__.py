@@ -2,7 +2,7 @@
 
 The launchers (plain Python functions that check their inputs, pick block sizes and start a kernel):
 
-- `dequantize_4bit(packed, state, out_dtype=None)`: chapter 12's format back to floats, `torch.equal` to
+- `dequantize_4bit(packed, state, out_dtype=None, out=None)`: chapter 12's format back to floats, `torch.equal` to
   `minillm.quant.dequantize_4bit` and to bitsandbytes' `dequantize_4bit`;
 - `dequantize_int8(q, row_scale, out_dtype=torch.float32)`: `q * row_scale` row by row;
 - `matmul_4bit(x, packed, state)`: `x @ W.T` with W still packed, dequantized tile by tile in registers;

@@ -73,10 +73,30 @@ def dequantize_4bit_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, n,
     tl.store(out_ptr + index, cast_to(values, out_ptr.dtype.element_ty, INTERPRET), mask=index < n)
 
 
-def dequantize_4bit(packed: torch.Tensor, state: QuantState, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def check_absmax(where: str, state: QuantState) -> None:
+    """The kernels read absmax[i // blocksize] (and nested_absmax[block // nested_blocksize]) unchecked: a
+    short one would be read past its end, giving garbage instead of an error."""
+    n = math.prod(state.shape)
+    num_blocks = -(-n // state.blocksize)
+    absmax_dtype = torch.uint8 if state.nested else torch.float32
+    if state.absmax.dtype != absmax_dtype or state.absmax.shape != (num_blocks,):
+        raise ValueError(f"{where}: {n} values in blocks of {state.blocksize} need a ({num_blocks},) "
+                         f"{absmax_dtype} absmax, got {state.absmax.dtype} {tuple(state.absmax.shape)}")
+    if state.nested:
+        num_nested = -(-num_blocks // state.nested_blocksize)
+        if state.nested_absmax.dtype != torch.float32 or state.nested_absmax.shape != (num_nested,):
+            raise ValueError(f"{where}: {num_blocks} absmax codes in blocks of {state.nested_blocksize} need a "
+                             f"({num_nested},) torch.float32 nested_absmax, got {state.nested_absmax.dtype} "
+                             f"{tuple(state.nested_absmax.shape)}")
+
+
+def dequantize_4bit(packed: torch.Tensor, state: QuantState, out_dtype: torch.dtype | None = None,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
     """Triton version of `minillm.quant.dequantize_4bit`: a tensor of `state.shape` in `out_dtype`.
 
-    Chapter 13 teaches this. `out_dtype` defaults to `state.dtype`. Equal (`torch.equal`) to
+    Chapter 13 teaches this. `out_dtype` defaults to `state.dtype`. `out`, if given, is a contiguous tensor of
+    `state.shape` and `out_dtype` to write into (as bitsandbytes' `out=`); chapter 13's check passes one with
+    guard regions around it, to catch a kernel that writes past its end. Equal (`torch.equal`) to
     `minillm.quant.dequantize_4bit(packed, state, out_dtype)` and to bitsandbytes' `dequantize_4bit` on its
     correct path, for NF4 and FP4, with and without double quantization, in fp32, fp16 and bf16.
     """
@@ -93,11 +113,7 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, out_dtype: torch.dt
         raise ValueError(f"{where}: state.blocksize must be one of {BLOCKSIZES_4BIT}, got {state.blocksize!r}")
     out_dtype = state.dtype if out_dtype is None else out_dtype
     check_out_dtype(where, out_dtype)
-    num_blocks = -(-n // state.blocksize)
-    absmax_dtype = torch.uint8 if state.nested else torch.float32
-    if state.absmax.dtype != absmax_dtype or state.absmax.shape != (num_blocks,):
-        raise ValueError(f"{where}: {n} values in blocks of {state.blocksize} need a ({num_blocks},) "
-                         f"{absmax_dtype} absmax, got {state.absmax.dtype} {tuple(state.absmax.shape)}")
+    check_absmax(where, state)
     nested = (state.nested_absmax, state.nested_code, state.offset) if state.nested else (None, None, None)
     tensors = dict(packed=packed, absmax=state.absmax, code=state.code)
     if state.nested:
@@ -105,7 +121,13 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, out_dtype: torch.dt
     device = check_devices(where, **tensors)
 
     packed = packed.reshape(-1).contiguous()  # (n_bytes,)
-    out = torch.empty(state.shape, dtype=out_dtype, device=device)
+    if out is None:
+        out = torch.empty(state.shape, dtype=out_dtype, device=device)
+    elif not (isinstance(out, torch.Tensor) and out.shape == state.shape and out.dtype == out_dtype
+              and out.device == device and out.is_contiguous()):
+        raise ValueError(f"{where}: out must be a contiguous {out_dtype} tensor of shape {tuple(state.shape)} on "
+                         f"{device}, got {out.dtype if isinstance(out, torch.Tensor) else type(out).__name__} "
+                         f"{tuple(getattr(out, 'shape', ()))}")
     block = min(BLOCK_4BIT, triton.next_power_of_2(packed.numel()))  # small tensors: one short program
     grid = (triton.cdiv(packed.numel(), block),)
     dequantize_4bit_kernel[grid](packed, state.absmax.contiguous(), state.code.contiguous(), out, n, *nested,

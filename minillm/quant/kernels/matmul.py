@@ -19,7 +19,7 @@ import triton.language as tl
 
 from minillm.quant.kernels.common import (FLOAT_DTYPES, INTERPRETED, cast_to, check_devices, check_tensor,
                                           launch_options)
-from minillm.quant.kernels.dequant import dequantize_4bit, load_absmax
+from minillm.quant.kernels.dequant import check_absmax, dequantize_4bit, load_absmax
 from minillm.quant.nf4 import BLOCKSIZES_4BIT, QuantState
 
 NUM_WARPS, NUM_STAGES = 4, 3  # GPU only: threads per program / 32, and K tiles loaded ahead (software pipeline)
@@ -105,6 +105,7 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> tor
                          f"shape {tuple(packed.shape)}; pass the pair quantize_4bit returned")
     if state.blocksize not in BLOCKSIZES_4BIT:
         raise ValueError(f"{where}: state.blocksize must be one of {BLOCKSIZES_4BIT}, got {state.blocksize!r}")
+    check_absmax(where, state)
     tensors = dict(x=x, packed=packed, absmax=state.absmax, code=state.code)
     if state.nested:
         tensors.update(nested_absmax=state.nested_absmax, nested_code=state.nested_code, offset=state.offset)
