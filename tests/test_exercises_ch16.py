@@ -1,12 +1,20 @@
-"""Chapter 16's checks pass right answers, flag plausible wrong ones and wait for untouched stubs.
+"""Chapter 16's checks pass right answers, flag plausible wrong ones and wait for untouched stubs; plugged into
+the package on thread ranks, the three build exercises drive the chapter's comparisons with DDP and
+ZeroRedundancyOptimizer and leave nothing behind.
 
 The right answers are written here, not imported from minillm.distributed, so a bug there cannot hide a bug in
 a check. The learner functions run on ranks that are threads (minillm.distributed.threads).
 """
 
+import pytest
 import torch
 
-from minillm.exercises import ch16
+from minillm.distributed import collectives, data_parallel, launch, workers, zero
+from minillm.distributed.threads import run_in_threads
+from minillm.exercises import ch16, use
+from minillm.models import GPTConfig
+from minillm.pretrained import load_pretrained
+from minillm.train import get_batch, story_tokens
 from exercise_helpers import stub, outputs, run_three
 
 
@@ -181,3 +189,112 @@ def test_zero1_check_wants_the_sharded_optimizer_used(capsys):
     (line,) = outputs(capsys)
     assert line.startswith("Exercise 16.3 (ZeRO-1 step): not yet ✗ - case 1: rank "), line
     assert "holds no state" in line
+
+
+# --- the plug-in: the learner's code inside the chapter's data parallelism and ZeRO-1, against torch ----------
+
+DP_CLAIM = "data parallel on 2 thread ranks with your code equals DistributedDataParallel's weights bit for bit"
+ZERO_CLAIM = "ZeRO-1 on 2 thread ranks with your code equals ZeroRedundancyOptimizer's weights bit for bit"
+
+
+def ring_without_all_gather(tensor, dist):  # stops after the reduce-scatter: each rank has one finished chunk
+    rank, n = dist.get_rank(), dist.get_world_size()
+    chunks = tensor.view(-1).tensor_split(n)
+    for s in range(n - 1):
+        send, receive = (rank - s) % n, (rank - s - 1) % n
+        incoming = torch.empty_like(chunks[receive])
+        request = dist.isend(chunks[send], (rank + 1) % n)
+        dist.recv(incoming, (rank - 1) % n)
+        request.wait()
+        chunks[receive].add_(incoming)
+
+
+@pytest.fixture(scope="module")
+def chapter_run():
+    """A smaller twin of the chapter's section-4 experiment and what torch's DDP / ZeroRedundancyOptimizer made of
+    it on 2 real processes (one launch for the whole module: spawning costs seconds)."""
+    _, tokenizer = load_pretrained()
+    tokens = story_tokens(tokenizer, "val")
+    generator = torch.Generator().manual_seed(1)
+    batches = [get_batch(tokens, 4, 16, generator) for _ in range(2)]  # (4, 16) inputs and targets
+    config = GPTConfig(vocab_size=tokenizer.vocab_size, max_seq_len=16, hidden_size=32, num_layers=1, num_heads=2)
+    experiment = (config, 3, batches, dict(lr=0.1), dict(lr=1e-3, weight_decay=0.1), 5_000)
+    return experiment, launch(workers.train_distributed, 2, args=experiment)
+
+
+RIGHT_AND_WRONG = [  # component, end-to-end function, claim, the right answer, a known-wrong one
+    ("ring_all_reduce", ch16.end_to_end_data_parallel, DP_CLAIM, ring_all_reduce, ring_without_all_gather),
+    ("all_reduce_gradients", ch16.end_to_end_data_parallel, DP_CLAIM, all_reduce_gradients, summed_not_averaged),
+    ("zero1_step", ch16.end_to_end_zero1, ZERO_CLAIM, zero1_step, forgets_the_all_gather),
+]
+IDS = [component for component, *_ in RIGHT_AND_WRONG]
+
+
+def test_end_to_end_holds_on_the_package_itself(chapter_run, capsys):
+    assert ch16.end_to_end_data_parallel(*chapter_run)
+    assert ch16.end_to_end_zero1(*chapter_run)
+    assert capsys.readouterr().out == f"{DP_CLAIM}: ✓\n{ZERO_CLAIM}: ✓\n"
+
+
+@pytest.mark.parametrize("component, end_to_end, claim, right, wrong", RIGHT_AND_WRONG, ids=IDS)
+def test_plug_in_verdict(chapter_run, component, end_to_end, claim, right, wrong, capsys):
+    with use(**{component: right}):
+        assert end_to_end(*chapter_run)
+    with use(**{component: wrong}):
+        assert not end_to_end(*chapter_run)
+    right_line, wrong_line = capsys.readouterr().out.splitlines()
+    assert right_line == f"{claim}: ✓"
+    assert wrong_line.startswith(f"{claim}: ✗ - rank 0: "), wrong_line
+    assert "differs from torch's by up to" in wrong_line
+
+
+def test_plug_in_reports_a_crash_with_its_rank(chapter_run, capsys):
+    def no_grad_attribute(params, bucket_numel, dist):
+        params[0].grad = None
+        params[0].grad.add_(1)
+
+    with use(all_reduce_gradients=no_grad_attribute):
+        assert not ch16.end_to_end_data_parallel(*chapter_run)
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"{DP_CLAIM}: ✗ - the run raised AttributeError on rank "), line
+
+
+def test_plug_in_of_a_stub_is_skipped(chapter_run, capsys):
+    for component, end_to_end, *_ in RIGHT_AND_WRONG:
+        with use(**{component: stub}):
+            end_to_end(*chapter_run)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" is not written")[0] for line in lines] == [
+        "plug-in skipped: your ring_all_reduce (exercise 16.1)",
+        "plug-in skipped: your all_reduce_gradients (exercise 16.2)",
+        "plug-in skipped: your zero1_step (exercise 16.3)"]
+
+
+@pytest.mark.parametrize("component, end_to_end, claim, right, wrong", RIGHT_AND_WRONG, ids=IDS)
+def test_plug_in_leaves_the_package_unchanged(chapter_run, component, end_to_end, claim, right, wrong):
+    originals = (collectives.ring_all_reduce, data_parallel.all_reduce_gradients, zero.zero1_step)
+    experiment = chapter_run[0]
+    threads, rng = torch.get_num_threads(), torch.random.get_rng_state()
+    before = ch16._weights_on_thread_ranks(experiment, workers.train_zero1, experiment[4])
+    with use(**{component: wrong}):
+        end_to_end(*chapter_run)
+    with pytest.raises(RuntimeError, match="boom"), use(**{component: right}):
+        raise RuntimeError("boom")
+    assert (collectives.ring_all_reduce, data_parallel.all_reduce_gradients, zero.zero1_step) == originals
+    after = ch16._weights_on_thread_ranks(experiment, workers.train_zero1, experiment[4])
+    assert all(torch.equal(b[name], a[name]) for b, a in zip(before, after) for name in b)
+    assert torch.get_num_threads() == threads
+    assert torch.equal(torch.random.get_rng_state(), rng)
+
+
+def test_end_to_end_wants_the_launch_results(chapter_run):
+    with pytest.raises(ValueError, match="torch_ranks must be the 2 results"):
+        ch16.end_to_end_zero1(chapter_run[0], [{"DDP, SGD": {}}])
+
+
+def test_ring_dist_sums_only():
+    def body(dist):
+        collectives.RingDist(dist).all_reduce(torch.ones(3), op=torch.distributed.ReduceOp.MAX)
+
+    with pytest.raises(ValueError, match="the ring sums, so op must be ReduceOp.SUM"):
+        run_in_threads(body, 2)

@@ -12,7 +12,8 @@ Each rank sends 2(N - 1) chunks of n / N elements: 2(N - 1)/N * n, under 2n howe
 why NCCL and gloo use rings (and trees) rather than sending everything to one rank.
 
 Functions take `dist`, the module `torch.distributed` or anything with its functions: the chapter's exercises
-pass the thread-backed stand-in of minillm.distributed.threads.
+pass the thread-backed stand-in of minillm.distributed.threads. `RingDist` wraps such a `dist` so that its
+`all_reduce` is this ring: chapter 16 runs its data parallelism and ZeRO-1 on thread ranks over it.
 """
 
 import torch
@@ -52,3 +53,22 @@ def ring_all_reduce(tensor: torch.Tensor, dist=torch.distributed) -> torch.Tenso
         else:
             chunks[recv_index].copy_(incoming)
     return tensor
+
+
+class RingDist:
+    """`dist` with every `all_reduce` done by `ring_all_reduce` over dist's own isend/recv; the rest passes through.
+
+    The ring is looked up at call time, so the chapter's exercise 16.1 can swap in the learner's. Sums only (the
+    ring adds), as data parallelism needs.
+    """
+
+    def __init__(self, dist):
+        self.dist = dist
+
+    def __getattr__(self, name: str):
+        return getattr(self.dist, name)
+
+    def all_reduce(self, tensor: torch.Tensor, op=torch.distributed.ReduceOp.SUM) -> None:
+        if op != torch.distributed.ReduceOp.SUM:
+            raise ValueError(f"RingDist.all_reduce: the ring sums, so op must be ReduceOp.SUM, got {op}")
+        ring_all_reduce(tensor, self.dist)

@@ -11,9 +11,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from minillm.distributed.collectives import ring_all_reduce
-from minillm.distributed.data_parallel import (all_reduce_gradients, broadcast_parameters, data_parallel_step,
-                                               shard)
+from minillm.distributed import collectives, data_parallel
+from minillm.distributed.data_parallel import broadcast_parameters, data_parallel_step, shard
 from minillm.distributed.zero import ShardedAdamW, optimizer_state_bytes
 from minillm.models import GPT, GPTConfig
 from minillm.train import lm_loss
@@ -51,7 +50,7 @@ def collectives_demo(numel: int = 4, ring_numel: int = 1001) -> dict:
 
     values = torch.randn(ring_numel, generator=torch.Generator().manual_seed(rank))  # different on every rank
     ring, reference = values.clone(), values.clone()
-    ring_all_reduce(ring)
+    collectives.ring_all_reduce(ring)
     dist.all_reduce(reference)
     result["ring vs all_reduce"] = (ring, reference)
     return result
@@ -108,6 +107,26 @@ def train_one_process(config: GPTConfig, seed: int, batches, optimizer: str,
     return parameters_of(model), optimizer_state_bytes(opt)
 
 
+def train_data_parallel(model: GPT, batches, sgd: dict, bucket_numel: int, dist=torch.distributed) -> None:
+    """Our data parallelism on this rank: one SGD `data_parallel_step` per global batch (weights already equal)."""
+    opt = torch.optim.SGD(model.parameters(), **sgd)
+    for inputs, targets in batches:
+        data_parallel_step(model, opt, lm_loss, inputs, targets, bucket_numel, dist)
+
+
+def train_zero1(model: GPT, batches, adamw: dict, bucket_numel: int, dist=torch.distributed) -> int:
+    """Our ZeRO-1 on this rank: per global batch, backward on this rank's shard, the bucketed gradient average,
+    then a `ShardedAdamW` step (weights already equal). Returns this rank's optimizer-state bytes."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    opt = ShardedAdamW(model.parameters(), dist=dist, **adamw)
+    for inputs, targets in batches:
+        opt.zero_grad()
+        lm_loss(model, shard(inputs, rank, world_size), shard(targets, rank, world_size)).backward()
+        data_parallel.all_reduce_gradients(list(model.parameters())[::-1], bucket_numel, dist)
+        opt.step()
+    return opt.state_bytes()
+
+
 def train_distributed(config: GPTConfig, seed: int, batches, sgd: dict, adamw: dict, bucket_numel: int) -> dict:
     """On every rank, the same global batches trained four ways; returns each one's final parameters.
     `sgd` and `adamw` are the optimizers' keyword arguments (lr, ...).
@@ -124,9 +143,7 @@ def train_distributed(config: GPTConfig, seed: int, batches, sgd: dict, adamw: d
     result["replicas agree at init"] = replicas_agree(model)
     broadcast_parameters(model)
     result["replicas agree after broadcast"] = replicas_agree(model)
-    opt = torch.optim.SGD(model.parameters(), **sgd)
-    for inputs, targets in batches:
-        data_parallel_step(model, opt, lm_loss, inputs, targets, bucket_numel)
+    train_data_parallel(model, batches, sgd, bucket_numel)
     result["ours, SGD"] = parameters_of(model)
 
     model = make_model(config, seed + rank)
@@ -140,14 +157,8 @@ def train_distributed(config: GPTConfig, seed: int, batches, sgd: dict, adamw: d
 
     model = make_model(config, seed + rank)
     broadcast_parameters(model)
-    opt = ShardedAdamW(model.parameters(), **adamw)
-    for inputs, targets in batches:
-        opt.zero_grad()
-        lm_loss(model, shard(inputs, rank, world_size), shard(targets, rank, world_size)).backward()
-        all_reduce_gradients(list(model.parameters())[::-1], bucket_numel)
-        opt.step()
+    result["ours, ZeRO-1 AdamW: state bytes"] = train_zero1(model, batches, adamw, bucket_numel)
     result["ours, ZeRO-1 AdamW"] = parameters_of(model)
-    result["ours, ZeRO-1 AdamW: state bytes"] = opt.state_bytes()
 
     from torch.distributed.optim import ZeroRedundancyOptimizer  # imports FSDP and more: seconds, so only here
     model = make_model(config, seed + rank)

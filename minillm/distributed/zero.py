@@ -1,17 +1,21 @@
 """ZeRO stage 1 from scratch: each rank keeps the AdamW state of its own 1/N of the parameters.
 
 Chapter 16 teaches this file and checks it against `torch.distributed.optim.ZeroRedundancyOptimizer`. In plain
-data parallelism every rank holds the whole AdamW state: two fp32 moments per parameter, 8 bytes each on top of
-the 4 of the weight, and N identical copies of it. ZeRO-1 (Rajbhandari et al., 2020) splits that state:
+data parallelism every rank holds the whole AdamW state: two fp32 moments per parameter, 8 bytes on top of the
+4 of the weight, and N identical copies of it. ZeRO-1 (Rajbhandari et al., 2020) splits that state:
 
 - lay all parameters end to end in one flat vector of n elements, padded to N * S with S = ceil(n / N);
 - rank r owns elements [r * S, (r + 1) * S): it keeps their AdamW moments (2 * S floats, 1/N of the total),
   and steps only those elements, with the gradient already averaged over ranks (`all_reduce_gradients`);
 - an all-gather then gives every rank every updated slice, so all replicas hold the full new weights again.
 
-AdamW works element by element, so stepping slices computes the same numbers as stepping whole tensors. The
-communication is the same as plain data parallelism's: an all-reduce is a reduce-scatter plus an all-gather,
-and ZeRO's gather of the weights takes the place of the second half.
+AdamW works element by element, so stepping slices computes the same numbers as stepping whole tensors.
+Communication: this version all-reduces the whole gradient (2(N - 1)/N * n elements sent per rank on a ring) and
+then all-gathers the weights ((N - 1)/N * n more), about 1.5 times plain data parallelism's traffic; chapter 16
+measures it. A rank needs only its own slice of the gradient, so the paper's ZeRO-1 reduce-scatters it instead of
+all-reducing, which brings the traffic back to data parallelism's (an all-reduce is a reduce-scatter plus an
+all-gather). `torch.distributed.optim.ZeroRedundancyOptimizer` behind DDP also sends more than DDP alone: DDP
+all-reduces the gradients, then each parameter's owner broadcasts its new value.
 """
 
 import torch
