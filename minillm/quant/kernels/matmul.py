@@ -28,10 +28,11 @@ NUM_WARPS, NUM_STAGES = 4, 3  # GPU only: threads per program / 32, and K tiles 
 def tile_sizes(m: int, n: int, k: int, min_k: int = 16) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K) for an (m, k) @ (k, n) product.
 
-    `tl.dot` needs every side >= 16 on the GPU, and K >= 32 for int8 inputs (`min_k`). The interpreter pays per program, so it gets wide output
-    tiles (up to 64 x 256); the GPU gets tiles that keep the tensor cores busy without spilling registers.
-    Both step along K by at most 64: each `tl.dot` sums 64 products, and the partial sums are added in the
-    accumulator, which keeps fp32 rounding errors below those of one long running sum (and of F.linear's).
+    `tl.dot` needs every side >= 16 on the GPU, and K >= 32 for int8 inputs (`min_k`). The interpreter pays per
+    program, so it gets wide output tiles (up to 64 x 256); the GPU gets tiles that keep the tensor cores busy
+    without spilling registers. Both step along K by at most 64: each `tl.dot` sums 64 products, and the partial
+    sums are added in the accumulator. Any such order stays within the dot-product bound γ_K Σ|x·w| that chapter
+    13 and tests/quant/test_kernels.py check; how it compares with F.linear's BLAS depends on the CPU.
     """
     cap_m, cap_n, cap_k = (64, 256, 64) if INTERPRETED else (64, 64, 64)
     return tuple(max(least, min(cap, triton.next_power_of_2(size)))
@@ -85,7 +86,8 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> tor
 
     Chapter 13 teaches this. W's values are those of `minillm.quant.dequantize_4bit(packed, state, x.dtype)`
     (NF4 or FP4, with or without double quantization); products are accumulated in fp32 and rounded once to
-    x's dtype, so the error against a float64 reference is that of `F.linear` on the dequantized weight.
+    x's dtype: each output is within γ_K Σ|x·w| (fp32 unit roundoff) of the exact product on the dequantized weight,
+    plus half an ulp of x's dtype, the bound `F.linear` on the dequantized weight also meets.
     Differentiable in x (W is frozen), as QLoRA needs: the gradient is `grad @ W`, as `F.linear`'s.
     """
     where = "kernels.matmul_4bit"
