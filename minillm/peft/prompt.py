@@ -82,14 +82,25 @@ class PromptTuning(VirtualTokens):
         repeats = -(-P // len(ids))  # ceil: cycle a short text, cut a long one
         return torch.tensor((ids * repeats)[:P])
 
+    def prepend_soft_prompt(self, token_embeddings: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) embeddings of the real tokens -> (B, P + T, C): the soft prompt in front of every row.
+
+        What PEFT does to `inputs_embeds`: the float32 soft prompt is shared by every row of the batch, then cast
+        to the model's dtype. In that order the backward casts each row's gradient to float32 before summing
+        over the batch; casting first would sum in the model's dtype (bfloat16: 8 bits). Chapter 10 has the
+        learner write it.
+        """
+        B = token_embeddings.size(0)
+        prompt = self.embedding.weight.expand(B, -1, -1).to(token_embeddings.dtype)  # (B, P, C)
+        return torch.cat((prompt, token_embeddings), dim=1)  # (B, P + T, C)
+
     @contextmanager
-    def _soft_prompt_in_embeddings(self, B: int):
+    def _soft_prompt_in_embeddings(self):
         """While active, the token embedding layer's output rows 0..P-1 are replaced by the soft prompt."""
         P = self.num_virtual_tokens
 
-        def replace_first_rows(module, args, output):  # output (B, P + T, C)
-            prompt = self.embedding.weight.to(output.dtype).expand(B, P, -1)  # (B, P, C)
-            return torch.cat((prompt, output[:, P:]), dim=1)  # (B, P + T, C)
+        def replace_first_rows(module, args, output):  # output (B, P + T, C), rows 0..P-1 from placeholder ids
+            return self.prepend_soft_prompt(output[:, P:])  # (B, P + T, C)
 
         handle = input_embedding(self.model).register_forward_hook(replace_first_rows)
         try:
@@ -111,7 +122,7 @@ class PromptTuning(VirtualTokens):
         if cache is not None and cache.length > 0:  # decoding: the soft prompt is already in the cache
             return self.model(input_ids, attention_mask=mask, cache=cache)
         placeholders = input_ids.new_zeros(B, self.num_virtual_tokens)  # (B, P): rows the hook replaces
-        with self._soft_prompt_in_embeddings(B):
+        with self._soft_prompt_in_embeddings():
             logits = self.model(torch.cat((placeholders, input_ids), dim=1), attention_mask=mask, cache=cache)
         return logits[:, self.num_virtual_tokens:].contiguous()  # (B, T, V), contiguous so callers may .view it
 
