@@ -51,6 +51,7 @@ from minillm.files import read_json, write_files_atomically
 # whitespace. `\s+(?!\S)` leaves the last space of a run for the next word, so "a  b" -> "a", " ", " b".
 GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 _SPLIT = regex.compile(GPT2_SPLIT_PATTERN)
+_DIGIT = regex.compile(r"(\p{N})")  # HF's Digits(individual_digits=True): every numeric character on its own
 ENCODE_CACHE_SIZE = 100_000  # pre-tokens whose ids `encode` remembers; text repeats its words a lot
 
 
@@ -172,8 +173,12 @@ class BPETokenizer:
     of byte characters (see `bytes_to_unicode`): "Ġthe" is " the".
     """
 
-    def __init__(self, vocab: dict[str, int], merges: Iterable[tuple[str, str]], special_tokens: Iterable[str] = ()):
+    def __init__(self, vocab: dict[str, int], merges: Iterable[tuple[str, str]], special_tokens: Iterable[str] = (),
+                 split_digits: bool = False):
         special_tokens = list(special_tokens)
+        # Some checkpoints' tokenizers (SmolLM's, StarCoder's) cut every digit out on its own before GPT-2's
+        # regex runs: HF's pre-tokenizer Sequence [Digits(individual_digits=True), ByteLevel].
+        self.split_digits = split_digits
         _check_special_tokens(special_tokens)
         self.vocab = dict(vocab)
         self.merges = [tuple(merge) if isinstance(merge, (list, tuple)) else merge for merge in merges]
@@ -265,7 +270,8 @@ class BPETokenizer:
             if k % 2:
                 ids.append(self.special_tokens[part])
                 continue
-            for piece in _SPLIT.findall(part):
+            chunks = _DIGIT.split(part) if self.split_digits else [part]
+            for piece in (piece for chunk in chunks for piece in _SPLIT.findall(chunk)):
                 piece_ids = cache.get(piece)
                 if piece_ids is None:
                     piece_ids = self.apply_merges([self._byte_ids[byte] for byte in piece.encode("utf-8")])
@@ -299,8 +305,8 @@ class BPETokenizer:
         """Read a file written by `save`, or a tokenizer.json that HF saved for the configuration above."""
         config = read_json(path, "BPETokenizer.load", "a tokenizer.json written by BPETokenizer.save or HF tokenizers")
         try:
-            vocab, merges, special_tokens = _from_hf_json(config)
-            return cls(vocab, merges, special_tokens)
+            vocab, merges, special_tokens, split_digits = _from_hf_json(config)
+            return cls(vocab, merges, special_tokens, split_digits)
         except (ValueError, TypeError, AttributeError) as err:  # a damaged file can break any of these
             raise ValueError(f"{path} is not a valid tokenizer file: {err}") from None
 
@@ -318,8 +324,10 @@ class BPETokenizer:
                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
                  "vocab": dict(sorted(self.vocab.items(), key=lambda item: item[1])),
                  "merges": [list(merge) for merge in self.merges]}
+        digits = {"type": "Digits", "individual_digits": True}
+        pre_tokenizer = {"type": "Sequence", "pretokenizers": [digits, byte_level]} if self.split_digits else byte_level
         return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
-                "pre_tokenizer": byte_level, "post_processor": None, "decoder": decoder, "model": model}
+                "pre_tokenizer": pre_tokenizer, "post_processor": None, "decoder": decoder, "model": model}
 
 
 def _check_special_tokens(special_tokens: list) -> None:
@@ -355,17 +363,23 @@ def _check_consistent(vocab: dict, merges: list, special_tokens: dict) -> None:
             raise ValueError(f"vocab token {token!r} is neither a special token nor made of byte characters")
 
 
-def _from_hf_json(config) -> tuple[dict, list, list]:
-    """vocab, merges and special tokens from a tokenizer.json; ValueError naming what is not supported."""
+def _from_hf_json(config) -> tuple[dict, list, list, bool]:
+    """vocab, merges, special tokens and split_digits from a tokenizer.json; ValueError naming what is not
+    supported."""
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise ValueError("expected a JSON object with a 'model' entry (HF tokenizer.json format)")
     model = config["model"]
     if model.get("type") != "BPE":
         raise ValueError(f"model type must be 'BPE', got {model.get('type')!r}")
     pre = config.get("pre_tokenizer") or {}
-    if pre.get("type") != "ByteLevel" or pre.get("add_prefix_space") or not pre.get("use_regex", True):
-        raise ValueError("only pre_tokenizer ByteLevel with add_prefix_space=false and use_regex=true is supported, "
-                         f"got {pre!r}")
+    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
+    digits = {"type": "Digits", "individual_digits": True}
+    split_digits = isinstance(steps, list) and len(steps) == 2 and steps[0] == digits
+    byte_level = steps[-1] if isinstance(steps, list) and len(steps) == 1 + split_digits else {}
+    if (not isinstance(byte_level, dict) or byte_level.get("type") != "ByteLevel" or byte_level.get("add_prefix_space")
+            or not byte_level.get("use_regex", True)):
+        raise ValueError("only pre_tokenizer ByteLevel with add_prefix_space=false and use_regex=true is supported "
+                         f"(alone, or after Digits with individual_digits=true), got {pre!r}")
     if config.get("normalizer") is not None:
         raise ValueError(f"a normalizer is not supported (expected null), got {config['normalizer']!r}")
     if model.get("dropout") is not None:
@@ -391,4 +405,4 @@ def _from_hf_json(config) -> tuple[dict, list, list]:
         if vocab.get(added.get("content")) != added.get("id"):
             raise ValueError(f"added token {added!r} does not match its vocab entry")
         special_tokens.append(added["content"])
-    return vocab, merges, special_tokens
+    return vocab, merges, special_tokens, split_digits

@@ -7,8 +7,10 @@ are checked on arbitrary Unicode with hypothesis, and every bad input must raise
 
 import json
 import os
+import tempfile
 import unicodedata
 from collections import Counter
+from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread, and no fork warning from HF
 
@@ -294,3 +296,29 @@ def test_load_rejects_damaged_files(pair, tmp_path):
 def test_encode_rejects_non_text(pair):
     with pytest.raises(TypeError, match="encode takes a str, got bytes"):
         pair[0].encode(b"hello")
+
+
+def test_digits_split_tokenizer_json_equals_hf():
+    """Checkpoints such as SmolLM's cut each digit out before GPT-2's regex: HF's pre-tokenizer Sequence
+    [Digits(individual_digits=True), ByteLevel]. Loaded and saved, the ids equal HF tokenizers' on real text."""
+    from minillm.hub import real_text
+
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    hf.decoder = decoders.ByteLevel()
+    text = real_text()
+    hf.train_from_iterator(text.splitlines(), trainers.BpeTrainer(
+        vocab_size=500, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    samples = [text[:4000], "In 2001, 1.5 million: ٣٤ and ½ or 10,000 apples  42\n\n7"]
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "tokenizer.json"
+        hf.save(str(path))
+        ours = BPETokenizer.load(path)
+        assert ours.split_digits
+        for sample in samples:
+            assert ours.encode(sample) == hf.encode(sample).ids
+        ours.save(path)
+        again = Tokenizer.from_file(str(path))
+        for sample in samples:
+            assert again.encode(sample).ids == hf.encode(sample).ids
