@@ -91,7 +91,8 @@ def load_hf(name_or_path: str | os.PathLike, dtype: torch.dtype | None = None,
         tokenizer = BPETokenizer.load(tokenizer_file)
     except ValueError as err:
         raise ValueError(f"minillm cannot read this checkpoint's tokenizer: {err}. It reads byte-level BPE "
-                         "tokenizers (GPT-2's kind: a ByteLevel pre-tokenizer, alone or after Digits, and no normalizer)") from None
+                         "tokenizers (GPT-2's kind: a ByteLevel pre-tokenizer, alone or after Digits, and no "
+                         "normalizer)") from None
     return _convert(folder, model_type, dtype), tokenizer
 
 
