@@ -5,20 +5,25 @@ function returns.
 The build exercise (9.1, `LoRALinear.forward`) is compared bit for bit, on every CPU: the learner's forward and
 PEFT's `lora.Linear` run the same torch operations on the same tensors in the same order (the base layer, then
 A, B and the scale), and minillm's GPT runs the same kernels as its HF twin (chapter 06 keeps GPT-2's weight
-layout for that). The practice checks use a small tolerance, since a correct answer may order its sums
-differently.
+layout for that). The build exercise 9.2 (`LoRALinear.delta_weight`, which `merge` and `unmerge` call) is
+judged by a rounding bound derived from the computation instead: a correct answer may form B @ A and the scale
+in another order (B @ (A * scaling), A.T @ B.T for a Conv1D), and each such order rounds differently. The
+practice checks use a small tolerance.
 """
 
 import contextlib
 import copy
 import os
 import tempfile
+import types
 import warnings
 
 import torch
 from torch import nn
 
 from minillm.exercises import Mismatch, check, exercise, expect_equal, expect_tensor, verdict
+
+U32 = 2.0 ** -24  # unit roundoff of float32
 
 
 @contextlib.contextmanager
@@ -108,7 +113,7 @@ def check_lora_linear_forward(forward) -> None:
                "look at where the scale comes from; if only the merged case fails, look at what is added twice.")
 
 
-def _lora_and_peft_twins(r: int = 8, alpha: float = 16):
+def _lora_and_peft_twins(r: int = 8, alpha: float = 16, use_rslora: bool = False):
     """The shipped model with LoRA on every c_attn (B random: as if trained a little) and PEFT's twin holding
     the same A and B; with the ids of a task prompt."""
     from peft import LoraConfig, get_peft_model
@@ -121,10 +126,10 @@ def _lora_and_peft_twins(r: int = 8, alpha: float = 16):
     torch.manual_seed(0)
     ours, tokenizer = load_pretrained()
     hf_twin = ours.to_hf()
-    add_lora(ours, r=r, alpha=alpha, target_modules=["c_attn"])
+    add_lora(ours, r=r, alpha=alpha, target_modules=["c_attn"], use_rslora=use_rslora)
     with _quiet():
         theirs = get_peft_model(copy.deepcopy(hf_twin), LoraConfig(r=r, lora_alpha=alpha, target_modules=["c_attn"],
-                                                                   fan_in_fan_out=True))
+                                                                   fan_in_fan_out=True, use_rslora=use_rslora))
     with torch.no_grad():
         for name, layer in lora_layers(ours).items():
             layer.lora_B.weight.normal_(0.0, 0.05)
@@ -176,9 +181,149 @@ def end_to_end_lora() -> bool:
     return verdict(same_file, claim, "PEFT's logits from your save_adapter file differ")
 
 
-@exercise("9.2", "the scale, with and without rsLoRA")
+def _gamma(n: int) -> float:
+    """γ_n = n·u / (1 - n·u): the relative error bound of n float32 roundings in a row (Higham §3.1)."""
+    return n * U32 / (1 - n * U32)
+
+
+def _expect_within(got, expected: torch.Tensor, bound: torch.Tensor, what: str) -> None:
+    """Raise `Mismatch` naming the first element where |got - expected| exceeds the elementwise `bound`."""
+    got = expect_tensor(got, expected, what)
+    excess = ~((got.double() - expected.detach().double()).abs() <= bound)  # NaN counts as a mismatch
+    if excess.any():
+        index = tuple(int(i) for i in excess.nonzero()[0])
+        raise Mismatch(f"{what}: first mismatch at index {index}: expected {expected[index].item():.6g}, got "
+                       f"{got[index].item():.6g} (rounding allows {bound[index].item():.2g})")
+
+
+def merge_bounds(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Elementwise bounds, in the base weight's layout, on |ours - PEFT's| for a `LoRALinear` `layer` in float32:
+    (the delta, the weight after merge, the weight after merge then unmerge), valid for ANY order of the
+    float32 operations on either side (computed in float64).
+
+    With P = scaling · |B| @ |A| (transposed for a Conv1D): each delta entry is a dot product of length r, then
+    times the scale, so it is within γ_{r+1} P of exact; adding it to W rounds once more: γ_{r+2} (|W| + P);
+    subtracting the delta again costs one more delta and one rounding: γ_{r+3} · 2(|W| + P). Two sides: doubled.
+    """
+    from minillm.peft.lora import is_conv1d
+
+    A, B = layer.lora_A.weight.detach().double(), layer.lora_B.weight.detach().double()  # (r, in), (out, r)
+    product = layer.scaling * (B.abs() @ A.abs())  # (out, in)
+    if is_conv1d(layer.base):  # a Conv1D keeps its weight (in, out)
+        product = product.T
+    size = layer.base.weight.detach().double().abs() + product
+    r = A.shape[0]
+    return 2 * _gamma(r + 1) * product, 2 * _gamma(r + 2) * size, 4 * _gamma(r + 3) * size
+
+
+@exercise("9.2", "LoRALinear delta_weight, for merge and unmerge", kind="build", component="lora_delta_weight",
+          replaces="minillm.peft.lora:LoRALinear.delta_weight", hides=("LoRALinear.delta_weight",))
+def check_lora_delta_weight(delta_weight) -> None:
+    """Exercise 9.2 (build): `delta_weight(layer)`, the update (B @ A) · scaling of a float32 minillm `LoRALinear`
+    in its base weight's layout, which `merge` adds and `unmerge` subtracts. Judged against PEFT's `lora.Linear`
+    holding the same weights: its `get_delta_weight`, then the base weight after its `merge()` and after its
+    `unmerge()` (ours running the learner's delta), for nn.Linear and GPT-2's Conv1D (`fan_in_fan_out=True`), with
+    and without rsLoRA, each within the rounding bound of `merge_bounds`."""
+    from minillm.peft import LoRALinear
+
+    def case(in_features, out_features, r, alpha, seed, conv1d=False, use_rslora=False):
+        def run():
+            with _quiet():
+                from transformers.pytorch_utils import Conv1D
+            torch.manual_seed(seed)  # PEFT draws A from the global generator: the same A on every run
+            base = Conv1D(out_features, in_features) if conv1d else nn.Linear(in_features, out_features)
+            with torch.no_grad():
+                base.weight.copy_(_randn(*base.weight.shape, seed=seed))
+            ours = LoRALinear(copy.deepcopy(base), r, alpha, use_rslora=use_rslora)
+            _, layer = _peft_layer(base, r, alpha, use_rslora=use_rslora, fan_in_fan_out=conv1d)
+            with torch.no_grad():
+                layer.lora_B["default"].weight.copy_(_randn(out_features, r, seed=seed + 1))  # B = 0 tests little
+                ours.lora_A.weight.copy_(layer.lora_A["default"].weight)
+                ours.lora_B.weight.copy_(layer.lora_B["default"].weight)
+            kind = "Conv1D (weight (in, out))" if conv1d else "Linear (weight (out, in))"
+            what = f"a {kind} {in_features} -> {out_features}, r={r}, alpha={alpha}"
+            what += ", rsLoRA" if use_rslora else ""
+            delta_bound, merged_bound, unmerged_bound = merge_bounds(ours)
+            with torch.no_grad():
+                got = delta_weight(ours)
+            _expect_within(got, layer.get_delta_weight("default"), delta_bound, f"delta_weight of {what}")
+            ours.delta_weight = types.MethodType(delta_weight, ours)  # this layer's merge and unmerge call yours
+            ours.merge()
+            with _quiet():
+                layer.merge()
+            peft_weight = layer.get_base_layer().weight
+            _expect_within(ours.base.weight, peft_weight, merged_bound, f"the weight after merge() of {what}")
+            ours.unmerge()
+            layer.unmerge()
+            _expect_within(ours.base.weight, peft_weight, unmerged_bound,
+                           f"the weight after merge() then unmerge() of {what}")
+        return run
+
+    cases = [case(4, 6, 2, 4, 0), case(8, 24, 3, 6, 10, conv1d=True), case(6, 6, 2, 8, 20, conv1d=True),
+             case(16, 12, 4, 8, 30, use_rslora=True), case(12, 36, 4, 16, 40, conv1d=True, use_rslora=True)]
+    check("9.2", cases,
+          hint="the update is the product of the two adapter matrices times the scale, laid out like the base's "
+               "own weight.",
+          more="write down the shapes of A, B and their product, and compare with self.base.weight.shape: GPT-2's "
+               "Conv1D stores its weight the other way round from nn.Linear; the scale is self.scaling.")
+
+
+def end_to_end_merge() -> bool:
+    """Chapter 09's merge comparison with `LoRALinear.delta_weight` (the learner's inside
+    `use(lora_delta_weight=...)`): LoRA with rsLoRA on every c_attn of the shipped model (B random) and PEFT's twin,
+    then `merge_lora` against PEFT's `merge_and_unload`. Judged per layer by rounding bounds: every merged weight
+    against PEFT's (`merge_bounds`), and every merged layer's output against the adapter layer's output on the
+    same hidden states of a prompt, |ŷ - y| <= 2 γ_{in+r+4} (|bias| + |x| @ (|W| + P)) (a dot product of length
+    in after a merge that rounds as `merge_bounds` says, against base + update: in + r + 2 roundings)."""
+    from minillm.peft import merge_lora
+    from minillm.peft.lora import lora_layers
+
+    claim = ("merge_lora with your delta_weight, on rsLoRA adapters on every c_attn: each merged weight equals "
+             "PEFT's merge_and_unload, and each merged layer gives the adapter layer's output, within the rounding "
+             "bound")
+    ours, theirs, _, ids = _lora_and_peft_twins(use_rslora=True)
+    layers = lora_layers(ours)
+    seen = {}  # name -> (input, output) of each adapter layer before merging
+
+    def record(name):
+        return lambda module, args, output: seen.__setitem__(name, (args[0].detach(), output.detach()))
+
+    handles = [layer.register_forward_hook(record(name)) for name, layer in layers.items()]
+    with torch.no_grad():
+        ours(ids)
+    for handle in handles:
+        handle.remove()
+    bounds = {}
+    for name, layer in layers.items():
+        x, _ = seen[name]
+        weight, bias = layer.base.weight.detach().double(), layer.base.bias.detach().double()  # (out, in), (out,)
+        product = layer.scaling * (layer.lora_B.weight.double().abs() @ layer.lora_A.weight.double().abs())
+        size = bias.abs() + x.double().abs() @ (weight.abs() + product).T  # (B, T, out)
+        bounds[name] = (merge_bounds(layer)[1], 2 * _gamma(layer.in_features + layer.r + 4) * size)
+    try:
+        merge_lora(ours)
+    except NotImplementedError:
+        raise  # the stub: use() prints "plug-in skipped"
+    except Exception as error:
+        return verdict(False, claim, f"merge_lora with your delta_weight raised {type(error).__name__}: {error}")
+    with _quiet():
+        peft_merged = theirs.merge_and_unload()
+    for name, layer in layers.items():
+        weight_bound, output_bound = bounds[name]
+        expected = peft_merged.get_submodule(name).weight.detach().T  # Conv1D (in, out) -> (out, in)
+        if not (layer.base.weight.double() - expected.double()).abs().le(weight_bound).all():
+            return verdict(False, claim, f"the merged weight of {name} differs from PEFT's beyond the bound")
+        x, y = seen[name]
+        with torch.no_grad():
+            merged_output = layer.base(x)
+        if not (merged_output.double() - y.double()).abs().le(output_bound).all():
+            return verdict(False, claim, f"the merged {name} gives another output than the adapter layer")
+    return verdict(True, claim)
+
+
+@exercise("9.3", "the scale, with and without rsLoRA")
 def check_lora_scaling(lora_scaling) -> None:
-    """Exercise 9.2: `lora_scaling(alpha, r, use_rslora)` is the factor the update B @ A is multiplied by."""
+    """Exercise 9.3: `lora_scaling(alpha, r, use_rslora)` is the factor the update B @ A is multiplied by."""
     def case(alpha, r, use_rslora):
         def run():
             _, layer = _peft_layer(nn.Linear(8, 8), r, alpha, use_rslora=use_rslora)
@@ -192,43 +337,10 @@ def check_lora_scaling(lora_scaling) -> None:
 
     cases = [case(16, 8, False), case(16, 8, True), case(1, 1, True), case(32, 64, True), case(7, 3, False),
              case(8, 2, True)]
-    check("9.2", cases,
+    check("9.3", cases,
           hint="plain LoRA divides alpha by the rank; rsLoRA (Kalajdzievski, 2023) divides by a gentler function "
                "of the rank.",
           more="section 5's table prints both scales for four ranks; rsLoRA's agrees with plain LoRA's at r = 1.")
-
-
-@exercise("9.3", "merge the adapter into the weight")
-def check_merge_weight(merge_weight) -> None:
-    """Exercise 9.3: `merge_weight(weight, A, B, scaling, fan_in_fan_out)` returns the base weight with the
-    update folded in, in the base's own layout: (out, in) for nn.Linear, (in, out) for GPT-2's Conv1D."""
-    def case(in_features, out_features, r, alpha, fan_in_fan_out, seed):
-        def run():
-            with _quiet():
-                from transformers.pytorch_utils import Conv1D
-            base = Conv1D(out_features, in_features) if fan_in_fan_out else nn.Linear(in_features, out_features)
-            with torch.no_grad():
-                base.weight.copy_(_randn(*base.weight.shape, seed=seed))
-            model, layer = _peft_layer(base, r, alpha, fan_in_fan_out=fan_in_fan_out)
-            A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-            with torch.no_grad():
-                B.copy_(_randn(out_features, r, seed=seed + 1))
-            weight, scaling = base.weight.detach().clone(), layer.scaling["default"]
-            A, B = A.detach().clone(), B.detach().clone()
-            with _quiet():
-                expected = model.merge_and_unload().proj.weight
-            got = merge_weight(weight, A, B, scaling, fan_in_fan_out)
-            kind = "Conv1D weight (in, out)" if fan_in_fan_out else "Linear weight (out, in)"
-            _expect_tensor(got, expected, f"merge_weight for a {kind} of {in_features} -> {out_features}, r={r}")
-        return run
-
-    cases = [case(4, 6, 2, 4, False, 0), case(8, 24, 3, 6, True, 10), case(5, 5, 1, 1, True, 20),
-             case(16, 3, 4, 8, False, 30)]
-    check("9.3", cases,
-          hint="the update is the product of the two adapter matrices times the scale, added to the weight in "
-               "the weight's own layout.",
-          more="work out the shape of the product of B and A and compare it with the weight's shape; GPT-2's "
-               "Conv1D stores its weight the other way round from nn.Linear.")
 
 
 @exercise("9.4", "count the trainable parameters")
